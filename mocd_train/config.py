@@ -1,0 +1,316 @@
+"""Stage configs: one dataclass per stage, read from a YAML recipe plus `--key value` overrides.
+
+A recipe is either a stage file (flat keys) or a pipeline file: shared keys at the top level and one section per
+stage (`rollouts:`, ...). A stage reads the shared keys plus its own section. Every mistake (unknown key, wrong type,
+unknown objective, missing file) raises one `ConfigError` that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or command-line mistake; the message names the key and how to fix it."""
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass
+class CommonConfig:
+    """Keys every stage shares (the top level of a pipeline YAML)."""
+
+    run_dir: str = field(default="runs/default", metadata=_help("Run directory; every stage reads and writes here."))
+    seed: int = field(default=0, metadata=_help("Base random seed; each chunk of work derives its own from it."))
+    model: str = field(
+        default="smollm2-135m-instruct",
+        metadata=_help(
+            "Reference policy π_ref: 'smollm2-135m-instruct' (embedded, offline), a hub id or a local checkpoint."
+        ),
+    )
+    objectives: list = field(
+        default_factory=lambda: ["relevance", "harmlessness"],
+        metadata=_help(
+            "Objectives, in order: registry names (see `mocd rewards`) or mappings "
+            "{name, type, ...options}, e.g. {name: helpful, type: hf_reward_model, model: <id or path>, head: 0}."
+        ),
+    )
+    device: str = field(default="auto", metadata=_help("'auto' (the accelerate process's device), 'cpu' or 'cuda'."))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=_help("Model dtype; 'auto' = float32 on CPU (bf16 is ~7x slower there), bf16 on GPU.")
+    )
+    cache_dir: str | None = field(
+        default=None, metadata=_help("Cache for converted assets; default $MOCD_CACHE or ~/.cache/mocd_train.")
+    )
+    report_to: Literal["wandb", "none"] = field(
+        default="wandb", metadata=_help("Tracking: 'wandb' (offline unless WANDB_MODE says otherwise) or 'none'.")
+    )
+
+
+@dataclass
+class RolloutsConfig(CommonConfig):
+    """K responses per prompt from π_ref, scored by every objective (stage `rollouts`)."""
+
+    prompt_sources: list[str] = field(
+        default_factory=lambda: ["chatterbot", "donotanswer", "truthfulqa"],
+        metadata=_help("Packaged prompt sets to mix (see `mocd prompts`); ignored when prompts_file is set."),
+    )
+    prompts_file: str | None = field(
+        default=None, metadata=_help("A .jsonl/.json/.txt file of your own prompts (field 'prompt' per JSON line).")
+    )
+    split: Literal["train", "heldout"] = field(default="train", metadata=_help("Which deterministic split to roll out."))
+    heldout_fraction: float = field(default=0.2, metadata=_help("Share of prompts held out for evaluation."))
+    max_prompts: int | None = field(
+        default=None, metadata=_help("Use at most this many prompts, balanced across sources (None = all).")
+    )
+    num_samples: int = field(default=4, metadata=_help("K: responses per prompt."))
+    max_new_tokens: int = field(default=48, metadata=_help("Response length cap in tokens."))
+    temperature: float = field(default=1.0, metadata=_help("Sampling temperature of π_ref."))
+    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling threshold (1.0 = off)."))
+    system_prompt: str | None = field(
+        default=None, metadata=_help("System message for the chat template (None = the template's own default).")
+    )
+    chunk_size: int = field(
+        default=16,
+        metadata=_help(
+            "Prompts per chunk: the unit of resumption and of seeding, generated as one batch of chunk_size x K rows. "
+            "Changing it changes the samples."
+        ),
+    )
+    score_batch_size: int = field(default=64, metadata=_help("Texts per batch for the scorers."))
+    normalization: Literal["zscore", "none"] = field(
+        default="zscore", metadata=_help("Per-objective normalisation fitted on these rollouts (ALGORITHMS.md §1).")
+    )
+    overwrite: bool = field(default=False, metadata=_help("Delete existing rollouts in run_dir and start over."))
+
+
+STAGES: dict[str, type[CommonConfig]] = {"rollouts": RolloutsConfig}
+
+# Keys whose change does not alter a stage's outputs: a resumed run may use different values.
+RESUME_FREE_KEYS = {"report_to", "device", "cache_dir", "score_batch_size", "overwrite"}
+
+
+# ----------------------------------------------------------------------------------------------------------- types
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}.")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}.{hint}")
+    if origin is list or tp is list:
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}. Write it as [a, b] in YAML or on the command line.")
+        (item_tp,) = args or (Any,)
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}. Quote it in YAML.")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else f" Known keys: {', '.join(sorted(known))}."
+    return ConfigError(f"unknown key {key!r} in {where}.{hint}")
+
+
+def build_config(cls: type, values: dict[str, Any], where: str = "config") -> Any:
+    """Type-check `values` against the dataclass `cls` and run its validation."""
+    hints = typing.get_type_hints(cls)
+    known = _fields(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise _unknown_key(key, list(known), where)
+        kwargs[key] = _coerce(key, value, hints[key])
+    cfg = cls(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------------ validation
+
+
+def validate(cfg: CommonConfig) -> None:
+    """Checks that need more than a type: objective names, files, ranges."""
+    from mocd_train.rewards import parse_objectives  # late: rewards imports config
+
+    parse_objectives(cfg.objectives)
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise ConfigError(f"device: {cfg.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    if isinstance(cfg, RolloutsConfig):
+        from mocd_train.assets import PROMPT_SOURCES
+
+        if cfg.prompts_file is not None and not Path(cfg.prompts_file).is_file():
+            raise ConfigError(f"prompts_file: {cfg.prompts_file!r} does not exist. Give a path to a .jsonl/.json/.txt file.")
+        if cfg.prompts_file is None:
+            if not cfg.prompt_sources:
+                raise ConfigError("prompt_sources: empty. Name packaged sources or set prompts_file.")
+            for src in cfg.prompt_sources:
+                if src not in PROMPT_SOURCES:
+                    raise _unknown_key(src, list(PROMPT_SOURCES), "prompt_sources")
+        _positive(cfg, "num_samples", "max_new_tokens", "chunk_size", "score_batch_size")
+        if cfg.max_prompts is not None:
+            _positive(cfg, "max_prompts")
+        if not 0.0 < cfg.heldout_fraction < 1.0:
+            raise ConfigError(f"heldout_fraction: {cfg.heldout_fraction} must lie strictly between 0 and 1.")
+        if cfg.temperature <= 0:
+            raise ConfigError("temperature: must be > 0 (sampling K different responses needs randomness).")
+        if not 0.0 < cfg.top_p <= 1.0:
+            raise ConfigError(f"top_p: {cfg.top_p} must lie in (0, 1].")
+
+
+def _positive(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be a positive integer, got {getattr(cfg, key)}.")
+
+
+# ------------------------------------------------------------------------------------------------------ recipes/CLI
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: {str(path)!r} does not exist. Recipes live in recipes/<setup>/<stage>.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of keys, not {type(data).__name__}.")
+    return data
+
+
+def stage_values(data: dict[str, Any], stage: str, where: str) -> dict[str, Any]:
+    """The flat keys of one stage from a stage file or a pipeline file (a section overrides shared keys)."""
+    common = set(_fields(CommonConfig))
+    values, section = {}, {}
+    for key, value in data.items():
+        if key in STAGES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: the section for stage {key!r} in {where} must be a mapping.")
+            if key == stage:
+                section = value
+        elif key in common or key in _fields(STAGES[stage]):
+            values[key] = value
+        else:
+            known = sorted(common | set(STAGES) | set(_fields(STAGES[stage])))
+            raise _unknown_key(key, known, where)
+    return {**values, **section}
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """`--config F --key value --flag` → (F, {key: value}); values are parsed as YAML scalars/lists."""
+    config, overrides, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: write overrides as --key value.")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                raw, i = argv[i + 1], i + 1
+            else:
+                raw = "true"
+        i += 1
+        if key == "config":
+            config = raw
+            continue
+        try:
+            overrides[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            overrides[key] = raw
+    return config, overrides
+
+
+def load_config(stage: str, argv: list[str] | None = None) -> Any:
+    """Parse `--config recipe.yaml --key value ...` for `stage` into its dataclass."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(describe(STAGES[stage]))
+        raise SystemExit(0)
+    config, overrides = parse_overrides(argv)
+    values = stage_values(read_yaml(config), stage, config) if config else {}
+    values.update(overrides)
+    return build_config(STAGES[stage], values, where=f"{stage} config ({config or 'command line'})")
+
+
+def describe(cls: type) -> str:
+    hints = typing.get_type_hints(cls)
+    lines = [f"{cls.__name__}: {cls.__doc__.strip()}", "", "keys (--key value or in the YAML recipe):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  --{f.name} ({_type_name(hints[f.name])}, default {default!r})")
+        lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys (outside RESUME_FREE_KEYS) whose values differ between a saved and a current config."""
+    keys = (set(saved) | set(current)) - RESUME_FREE_KEYS
+    return sorted(k for k in keys if saved.get(k) != current.get(k))

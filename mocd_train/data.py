@@ -1,0 +1,156 @@
+"""Chat formatting and rollouts: K sampled responses per prompt from π_ref, scored by every objective.
+
+Reproducibility: prompts are cut into fixed chunks of `chunk_size`; chunk c is generated as one batch after
+`torch.manual_seed(chunk_seed(seed, c))`. A chunk's samples therefore depend only on (model, config, seed, c) — not on
+how many processes share the work (chunk c goes to rank c mod world size) nor on interruptions (a finished chunk is
+a file written atomically and never redone). Bit-equality across machines additionally needs the same torch build
+and device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mocd_train.assets import Prompt
+from mocd_train.rewards import Normalizer, RewardSet
+from mocd_train.rundir import atomic_write_json
+
+
+def chat_texts(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[str]:
+    """Prompts as the policy sees them: its chat template with a generation prompt (plain text if it has none)."""
+    if not tokenizer.chat_template:
+        return list(prompts)
+    texts = []
+    for p in prompts:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": p}]
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return texts
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    return (seed * 1_000_003 + chunk) % 2**63
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts: list[str], num_samples: int, max_new_tokens: int,
+                     temperature: float = 1.0, top_p: float = 1.0, system_prompt: str | None = None) -> list[dict]:
+    """num_samples responses per prompt, prompt-major; pure temperature/top-p sampling (no top-k, no penalties)."""
+    from transformers import GenerationConfig
+
+    enc = tokenizer(chat_texts(tokenizer, prompts, system_prompt), return_tensors="pt", padding=True,
+                    add_special_tokens=False).to(model.device)
+    stop = eos_ids(model, tokenizer)
+    gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                           max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+    out = model.generate(**enc, generation_config=gen)[:, enc["input_ids"].shape[1]:].cpu()
+    prompt_lens = enc["attention_mask"].sum(1).cpu()
+    rows = []
+    for i, seq in enumerate(out.tolist()):
+        j = next((t for t, tok in enumerate(seq) if tok in stop), None)
+        ids = seq if j is None else seq[:j]
+        rows.append({
+            "response": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+            "response_ids": ids,
+            "num_prompt_tokens": int(prompt_lens[i // num_samples]),
+            "num_response_tokens": len(ids),
+            "finished": j is not None,
+        })
+    return rows
+
+
+def chunk_path(shard_dir: Path, chunk: int) -> Path:
+    return shard_dir / f"chunk-{chunk:05d}.json"
+
+
+def write_rollout_shards(prompts: list[Prompt], model, tokenizer, rewards: RewardSet, shard_dir: Path, *,
+                         seed: int, chunk_size: int, num_samples: int, max_new_tokens: int, temperature: float,
+                         top_p: float, system_prompt: str | None, rank: int = 0, world_size: int = 1) -> None:
+    """Generate and score this rank's unfinished chunks, each written atomically to its own file."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    n_chunks = (len(prompts) + chunk_size - 1) // chunk_size
+    mine = [c for c in range(rank, n_chunks, world_size) if not chunk_path(shard_dir, c).is_file()]
+    bar = tqdm(total=len(mine) * chunk_size * num_samples, desc=f"rollouts[rank {rank}]", unit="resp",
+               disable=rank != 0 and world_size > 1)
+    tokens, gen_seconds = 0, 0.0
+    for c in mine:
+        chunk = prompts[c * chunk_size : (c + 1) * chunk_size]
+        torch.manual_seed(chunk_seed(seed, c))
+        t0 = time.perf_counter()
+        rows = sample_responses(model, tokenizer, [p.text for p in chunk], num_samples, max_new_tokens,
+                                temperature, top_p, system_prompt)
+        t1 = time.perf_counter()
+        texts = [p.text for p in chunk for _ in range(num_samples)]
+        scores = rewards.score(texts, [r["response"] for r in rows])
+        t2 = time.perf_counter()
+        for k, row in enumerate(rows):
+            p = chunk[k // num_samples]
+            row.update(prompt_id=p.id, prompt=p.text, source=p.source, category=p.category,
+                       harmful=p.harmful, sample=k % num_samples)
+            row.update({f"reward_{name}": float(v) for name, v in zip(rewards.names, scores[k].tolist())})
+        new_tokens = sum(r["num_response_tokens"] + r["finished"] for r in rows)
+        atomic_write_json(chunk_path(shard_dir, c), {
+            "chunk": c, "gen_seconds": t1 - t0, "score_seconds": t2 - t1, "new_tokens": new_tokens, "rows": rows})
+        tokens, gen_seconds = tokens + new_tokens, gen_seconds + (t1 - t0)
+        bar.update(len(rows))
+        bar.set_postfix(tok_s=f"{tokens / max(gen_seconds, 1e-9):.0f}")
+    bar.close()
+
+
+def merge_rollouts(prompts: list[Prompt], shard_dir: Path, out_dir: Path, objectives: list[str], chunk_size: int,
+                   normalization: str) -> dict:
+    """All chunk files → one `datasets` dataset + normalisation stats; returns the summary for DONE.json."""
+    from datasets import Dataset
+
+    n_chunks = (len(prompts) + chunk_size - 1) // chunk_size
+    missing = [c for c in range(n_chunks) if not chunk_path(shard_dir, c).is_file()]
+    if missing:
+        raise RuntimeError(f"rollouts: chunks {missing[:10]} are missing in {shard_dir}; re-run the stage to finish them.")
+    shards = [json.loads(chunk_path(shard_dir, c).read_text()) for c in range(n_chunks)]
+    rows = [r for s in shards for r in s["rows"]]
+    raw = torch.tensor([[r[f"reward_{n}"] for n in objectives] for r in rows], dtype=torch.float64)
+    normalizer = Normalizer.fit(objectives, raw, normalization)
+    normalizer.save(out_dir / "normalization.json")
+    tmp, final = out_dir / "dataset.tmp", out_dir / "dataset"
+    shutil.rmtree(tmp, ignore_errors=True)
+    Dataset.from_list(rows).save_to_disk(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    gen_s = sum(s["gen_seconds"] for s in shards)
+    tokens = sum(s["new_tokens"] for s in shards)
+    return {
+        "rows": len(rows), "prompts": len(prompts), "objectives": objectives,
+        "mean_raw_reward": dict(zip(objectives, raw.mean(0).tolist())),
+        "std_raw_reward": dict(zip(objectives, raw.std(0).tolist())),
+        "new_tokens": tokens, "generation_seconds": gen_s, "tokens_per_second": tokens / max(gen_s, 1e-9),
+        "responses_per_second": len(rows) / max(gen_s, 1e-9),
+        "scoring_seconds": sum(s["score_seconds"] for s in shards),
+        "finished_fraction": sum(r["finished"] for r in rows) / max(len(rows), 1),
+        "dataset": str(final), "normalization": str(out_dir / "normalization.json"),
+    }
+
+
+def load_rollouts(run_dir: str | Path):
+    """(dataset, normalizer) of a completed rollouts stage."""
+    from datasets import load_from_disk
+
+    from mocd_train.rundir import is_complete, stage_dir
+
+    d = stage_dir(run_dir, "rollouts")
+    if not is_complete(d):
+        raise FileNotFoundError(f"no complete rollouts in {d}; run recipes/rollouts.py with run_dir {run_dir} first.")
+    return load_from_disk(str(d / "dataset")), Normalizer.load(d / "normalization.json")

@@ -1,0 +1,15 @@
+"""Reward functions: the protocol, the registry of types, built-in offline scorers, HF reward models, RewardSet."""
+
+from mocd_train.rewards.base import (
+    DESCRIPTIONS,
+    REGISTRY,
+    ObjectiveSpec,
+    RewardFunction,
+    build_reward,
+    parse_objectives,
+    register,
+)
+from mocd_train.rewards.reward_set import Normalizer, RewardSet
+
+__all__ = ["DESCRIPTIONS", "REGISTRY", "Normalizer", "ObjectiveSpec", "RewardFunction", "RewardSet",
+           "build_reward", "parse_objectives", "register"]

@@ -1,0 +1,69 @@
+"""The run directory: one folder per stage, atomic writes, completion markers, the resolved config per stage.
+
+A stage's output is complete only when its `DONE.json` exists; it is written last, after everything it vouches for.
+Partial files are always written under a temporary name and renamed, so a kill never leaves a half file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mocd_train.config import ConfigError, config_diff, to_dict
+
+DONE = "DONE.json"
+
+
+def stage_dir(run_dir: str | Path, stage: str) -> Path:
+    return Path(run_dir) / stage
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def is_complete(directory: str | Path) -> bool:
+    return (Path(directory) / DONE).is_file()
+
+
+def mark_complete(directory: str | Path, summary: dict[str, Any]) -> None:
+    atomic_write_json(Path(directory) / DONE, summary)
+
+
+def prepare_stage(cfg: Any, stage: str, overwrite: bool = False, is_main: bool = True) -> Path:
+    """Create (or reuse) the stage folder and save the resolved config in it.
+
+    Reusing a folder made with different output-relevant settings would mix incompatible results, so it is refused
+    with the differing keys named.
+    """
+    directory = stage_dir(cfg.run_dir, stage)
+    saved_path = directory / "config.yaml"
+    current = to_dict(cfg)
+    if is_main:
+        if overwrite and directory.exists():
+            shutil.rmtree(directory)
+        if saved_path.is_file():
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+            diff = config_diff(saved, current)
+            if diff:
+                detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
+                raise ConfigError(
+                    f"{directory} holds {stage} made with other settings ({detail}). Use another run_dir, "
+                    "restore those settings, or pass --overwrite true to start this stage over."
+                )
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved_path, yaml.safe_dump(current, sort_keys=False))
+    return directory

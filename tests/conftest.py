@@ -1,0 +1,30 @@
+import os
+
+# Tests never touch the network: hub ids fail at once instead of after a timeout.
+for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                   "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}.items():
+    os.environ[key] = value
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def asset_cache(tmp_path_factory):
+    """One cache for the whole session (converted checkpoints, fitted probes), never the user's."""
+    path = os.environ.get("MOCD_TEST_CACHE") or str(tmp_path_factory.mktemp("mocd_cache"))
+    os.environ["MOCD_CACHE"] = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    from mocd_train.tiny import tiny_llama
+
+    return str(tiny_llama(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tmp_path_factory):
+    from mocd_train.tiny import tiny_gpt2_reward_model
+
+    return str(tiny_gpt2_reward_model(tmp_path_factory.mktemp("tiny_rm"), num_labels=3))
