@@ -57,10 +57,9 @@ def main(argv: list[str] | None = None) -> None:
             for path in args.config:
                 _validate(path)
         elif args.command == "rewards":
-            from mocd_train.rewards import DESCRIPTIONS, parse_objectives
+            from mocd_train.rewards import reward_types
 
-            parse_objectives(["relevance"])  # loads the registry
-            for name, text in sorted(DESCRIPTIONS.items()):
+            for name, text in reward_types().items():
                 print(f"{name:16s} {text}")
         elif args.command == "prompts":
             for name in A.PROMPT_SOURCES:

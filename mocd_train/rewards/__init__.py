@@ -1,15 +1,14 @@
 """Reward functions: the protocol, the registry of types, built-in offline scorers, HF reward models, RewardSet."""
 
 from mocd_train.rewards.base import (
-    DESCRIPTIONS,
-    REGISTRY,
     ObjectiveSpec,
     RewardFunction,
     build_reward,
     parse_objectives,
     register,
+    reward_types,
 )
 from mocd_train.rewards.reward_set import Normalizer, RewardSet
 
-__all__ = ["DESCRIPTIONS", "REGISTRY", "Normalizer", "ObjectiveSpec", "RewardFunction", "RewardSet",
-           "build_reward", "parse_objectives", "register"]
+__all__ = ["Normalizer", "ObjectiveSpec", "RewardFunction", "RewardSet",
+           "build_reward", "parse_objectives", "register", "reward_types"]

@@ -51,6 +51,12 @@ def _registry() -> dict[str, Callable[..., RewardFunction]]:
     return REGISTRY
 
 
+def reward_types() -> dict[str, str]:
+    """Every registered reward type with its one-line description."""
+    _registry()
+    return dict(sorted(DESCRIPTIONS.items()))
+
+
 def parse_objectives(items: list) -> list[ObjectiveSpec]:
     """Config entries (names or mappings) → specs; unknown types or options are a ConfigError."""
     registry = _registry()
