@@ -104,7 +104,7 @@ def write_rollout_shards(prompts: list[Prompt], model, tokenizer, rewards: Rewar
             row.update({f"reward_{name}": float(v) for name, v in zip(rewards.names, scores[k].tolist())})
         new_tokens = sum(r["num_response_tokens"] + r["finished"] for r in rows)
         atomic_write_json(chunk_path(shard_dir, c), {
-            "chunk": c, "gen_seconds": t1 - t0, "score_seconds": t2 - t1, "new_tokens": new_tokens, "rows": rows})
+            "chunk": c, "rank": rank, "world_size": world_size, "gen_seconds": t1 - t0, "score_seconds": t2 - t1, "new_tokens": new_tokens, "rows": rows})
         tokens, gen_seconds = tokens + new_tokens, gen_seconds + (t1 - t0)
         bar.update(len(rows))
         bar.set_postfix(tok_s=f"{tokens / max(gen_seconds, 1e-9):.0f}")

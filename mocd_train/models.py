@@ -7,6 +7,14 @@ import torch
 from mocd_train.assets import resolve_model
 
 
+def process_state(device: str = "auto"):
+    """accelerate's process state. Without CUDA it must be asked for the CPU explicitly: otherwise processes
+    started by `accelerate launch --num_processes N` each run alone as rank 0 of 1 (no gloo group is formed)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
+
+
 def resolve_device(device: str, default: torch.device | str = "cpu") -> torch.device:
     return torch.device(default if device == "auto" else device)
 

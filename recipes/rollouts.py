@@ -6,13 +6,11 @@
 Resumable: a killed run continues from its last finished chunk; a complete one is skipped.
 """
 
-from accelerate import PartialState
-
 from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
 from mocd_train.config import load_config
 from mocd_train.data import merge_rollouts, write_rollout_shards
-from mocd_train.models import load_causal_lm, resolve_device
+from mocd_train.models import load_causal_lm, process_state, resolve_device
 from mocd_train.rewards import RewardSet, parse_objectives
 from mocd_train.rundir import is_complete, mark_complete, prepare_stage
 from mocd_train.tracking import start_run
@@ -21,7 +19,7 @@ from mocd_train.tracking import start_run
 def main(argv=None):
     # parse
     cfg = load_config("rollouts", argv)
-    state = PartialState()
+    state = process_state(cfg.device)
     out = prepare_stage(cfg, "rollouts", cfg.overwrite, state.is_main_process)
     state.wait_for_everyone()
     if is_complete(out):

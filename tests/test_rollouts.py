@@ -99,5 +99,7 @@ def test_two_process_accelerate_launch_matches_one_process(tiny_lm, tmp_path):
            str(ROOT / "recipes" / "rollouts.py"), *args(tiny_lm, tmp_path / "two")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    shards = [json.loads(f.read_text()) for f in (tmp_path / "two" / "rollouts" / "shards").glob("chunk-*.json")]
+    assert {(s["rank"], s["world_size"]) for s in shards} == {(0, 2), (1, 2)}  # two real ranks shared the work
     recipe("rollouts").main(args(tiny_lm, tmp_path / "one"))
     assert rows(tmp_path / "two") == rows(tmp_path / "one")

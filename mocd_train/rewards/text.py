@@ -125,7 +125,7 @@ class NonToxicity:
         return torch.from_numpy(1.0 - self.predict_prob(texts)).float()
 
 
-# ------------------------------------------------------------------------------------------------ harmlessness
+# ------------------------------------------------------------------------------------- harmlessness, helpfulness
 
 # Refusals and redirections, written for this project. They teach the refusal classifier what declining, warning
 # and pointing to proper help look like; compliant answers come from real packaged answers and harmful-compliance
