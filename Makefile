@@ -25,8 +25,12 @@ $(VENV)/.installed: pyproject.toml mocd_train/assets.py | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+PIPELINE ?= recipes/smollm2-mini-hh/pipeline.yaml
+
 run: setup
-	$(BIN)/python recipes/rollouts.py --config recipes/smollm2-mini-hh/pipeline.yaml --run_dir $(RUN)
+	$(BIN)/python recipes/rollouts.py --config $(PIPELINE) --run_dir $(RUN)
+	$(BIN)/python recipes/train_value.py --config $(PIPELINE) --run_dir $(RUN)
+	$(BIN)/python recipes/solve_palette.py --config $(PIPELINE) --run_dir $(RUN)
 
 test: setup
 	$(BIN)/python -m pytest -q -ra tests

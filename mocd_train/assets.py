@@ -201,10 +201,11 @@ def _unit_hash(text: str, salt: str = "") -> float:
     return int(hashlib.sha256((salt + text).encode()).hexdigest()[:15], 16) / 16**15
 
 
-def split_of(prompt: Prompt | str, heldout_fraction: float) -> str:
-    """Deterministic split by a hash of the text: stable across versions, orderings and prompt-set sizes."""
+def split_of(prompt: Prompt | str, heldout_fraction: float, salt: str = "split:") -> str:
+    """Deterministic split by a hash of the text: stable across versions, orderings and prompt-set sizes. Another
+    `salt` gives a split independent of this one (e.g. a validation split inside the train prompts)."""
     text = prompt.text if isinstance(prompt, Prompt) else prompt
-    return "heldout" if _unit_hash(text, "split:") < heldout_fraction else "train"
+    return "heldout" if _unit_hash(text, salt) < heldout_fraction else "train"
 
 
 def load_prompts(

@@ -21,10 +21,27 @@ def run_stage(main) -> None:
 
 
 def _validate(path: str) -> None:
+    """A pipeline file: every section it holds. A stage file: the stage its name says (rollouts.yaml → rollouts),
+    else whichever stages accept it."""
+    from pathlib import Path
+
     data = read_yaml(path)
-    stages = [s for s in STAGES if s in data] or list(STAGES)
-    for stage in stages:
-        build_config(STAGES[stage], stage_values(data, stage, path), where=f"{stage} config ({path})")
+    stages = [s for s in STAGES if s in data]
+    if not stages and Path(path).stem in STAGES:
+        stages = [Path(path).stem]
+    if stages:
+        for stage in stages:
+            build_config(STAGES[stage], stage_values(data, stage, path), where=f"{stage} config ({path})")
+    else:
+        errors = {}
+        for stage in STAGES:
+            try:
+                build_config(STAGES[stage], stage_values(data, stage, path), where=f"{stage} config ({path})")
+                stages.append(stage)
+            except ConfigError as e:
+                errors[stage] = e
+        if not stages:
+            raise ConfigError(" / ".join(str(e) for e in errors.values()))
     print(f"{path}: valid ({', '.join(stages)})")
 
 

@@ -95,10 +95,79 @@ class RolloutsConfig(CommonConfig):
     overwrite: bool = field(default=False, metadata=_help("Delete existing rollouts in run_dir and start over."))
 
 
-STAGES: dict[str, type[CommonConfig]] = {"rollouts": RolloutsConfig}
+@dataclass
+class ValueConfig(CommonConfig):
+    """Multi-objective value model V(x, y^t) ∈ R^G trained on the rollouts (stage `value`, ALGORITHMS.md §2)."""
+
+    backbone: str | None = field(
+        default=None, metadata=_help("Backbone: None = π_ref (`model`); or an embedded name, hub id or path.")
+    )
+    init_from: Literal["causal_lm", "reward_model"] = field(
+        default="causal_lm",
+        metadata=_help("'reward_model': the body of a sequence-classification RM, its score layer replaced by the "
+                       "G-output head (the RMOD paper's gpt2-large RM set-up)."),
+    )
+    num_layers: int | None = field(
+        default=None, metadata=_help("Keep only the backbone's first N layers (cheaper to train and to decode with).")
+    )
+    train_mode: Literal["full", "lora", "frozen"] = field(
+        default="full", metadata=_help("What trains besides the head: the whole backbone, LoRA adapters, or nothing.")
+    )
+    lora_r: int = field(default=16, metadata=_help("LoRA rank (train_mode lora)."))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha."))
+    lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout."))
+    lora_target_modules: list[str] | str = field(
+        default="all-linear", metadata=_help("LoRA target modules: 'all-linear' or a list of module names.")
+    )
+    learning_rate: float = field(default=5e-5, metadata=_help("Peak learning rate (the head's included)."))
+    num_train_epochs: float = field(default=2.0, metadata=_help("Passes over the training sequences."))
+    per_device_train_batch_size: int = field(default=8, metadata=_help("Sequences per step per process."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Steps accumulated per optimiser update."))
+    warmup_ratio: float = field(default=0.05, metadata=_help("Share of steps with linear warm-up."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    max_length: int = field(default=512, metadata=_help("Truncate sequences (prompt + response) to this many tokens."))
+    heldout_fraction: float = field(
+        default=0.1, metadata=_help("Share of rollout prompts (all their responses) held out for the metrics.")
+    )
+    eval_batch_size: int = field(default=16, metadata=_help("Sequences per batch when computing metrics."))
+    save_steps: int = field(default=50, metadata=_help("Checkpoint every N optimiser steps (resume point)."))
+    logging_steps: int = field(default=10, metadata=_help("Log the training loss every N steps."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for memory (large backbones)."))
+    overwrite: bool = field(default=False, metadata=_help("Delete an existing value stage in run_dir and start over."))
+
+
+@dataclass
+class PaletteConfig(CommonConfig):
+    """MAP value palette → λ for the fixed reward λᵀr, or a proof it is unreachable (stage `palette`, §6)."""
+
+    name: str = field(default="default", metadata=_help("Output: <run_dir>/palette/<name>.json."))
+    targets: dict = field(
+        default_factory=dict,
+        metadata=_help("Target level per objective: a number (raw reward units), a quantile of π_ref's rewards "
+                       "('80%'), 'keep' (π_ref's mean) or {classifier: κ} (c0 + log(1 + κ)). Unnamed ones: keep."),
+    )
+    auto_adjust: Literal["none", "interpolate", "greedy"] = field(
+        default="none",
+        metadata=_help("For an infeasible palette: 'interpolate' (largest feasible step from π_ref towards it) or "
+                       "'greedy' (objectives in `priority` order take what they can); 'none' = report and fail."),
+    )
+    priority: list[str] | None = field(default=None, metadata=_help("Objective order for greedy (default: as listed)."))
+    method: Literal["lbfgsb", "cyclic"] = field(
+        default="lbfgsb", metadata=_help("Dual solver: L-BFGS-B on all λ, or cyclic (sequential alignment).")
+    )
+    grouping: Literal["prompt", "pooled"] = field(
+        default="prompt",
+        metadata=_help("'prompt': normalise q_λ within each prompt's rollouts, as p_λ(y|x), MAP-D and MAP-F do; "
+                       "'pooled': one pool over all samples, the MAP paper's estimator (it also reweights prompts)."),
+    )
+    tol: float = field(default=1e-6, metadata=_help("KKT tolerance, in standard deviations of each objective."))
+
+
+STAGES: dict[str, type[CommonConfig]] = {"rollouts": RolloutsConfig, "value": ValueConfig, "palette": PaletteConfig}
 
 # Keys whose change does not alter a stage's outputs: a resumed run may use different values.
-RESUME_FREE_KEYS = {"report_to", "device", "cache_dir", "score_batch_size", "overwrite"}
+RESUME_FREE_KEYS = {"report_to", "device", "cache_dir", "score_batch_size", "overwrite", "eval_batch_size",
+                    "logging_steps", "save_steps", "gradient_checkpointing"}
 
 
 # ----------------------------------------------------------------------------------------------------------- types
@@ -155,6 +224,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}.")
     if tp is str:
         if isinstance(value, str):
@@ -197,26 +271,63 @@ def validate(cfg: CommonConfig) -> None:
     parse_objectives(cfg.objectives)
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise ConfigError(f"device: {cfg.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'.")
-    if isinstance(cfg, RolloutsConfig):
-        from mocd_train.assets import PROMPT_SOURCES
+    check = _CHECKS.get(type(cfg))
+    if check:
+        check(cfg)
 
-        if cfg.prompts_file is not None and not Path(cfg.prompts_file).is_file():
-            raise ConfigError(f"prompts_file: {cfg.prompts_file!r} does not exist. Give a path to a .jsonl/.json/.txt file.")
-        if cfg.prompts_file is None:
-            if not cfg.prompt_sources:
-                raise ConfigError("prompt_sources: empty. Name packaged sources or set prompts_file.")
-            for src in cfg.prompt_sources:
-                if src not in PROMPT_SOURCES:
-                    raise _unknown_key(src, list(PROMPT_SOURCES), "prompt_sources")
-        _positive(cfg, "num_samples", "max_new_tokens", "chunk_size", "score_batch_size")
-        if cfg.max_prompts is not None:
-            _positive(cfg, "max_prompts")
-        if not 0.0 < cfg.heldout_fraction < 1.0:
-            raise ConfigError(f"heldout_fraction: {cfg.heldout_fraction} must lie strictly between 0 and 1.")
-        if cfg.temperature <= 0:
-            raise ConfigError("temperature: must be > 0 (sampling K different responses needs randomness).")
-        if not 0.0 < cfg.top_p <= 1.0:
-            raise ConfigError(f"top_p: {cfg.top_p} must lie in (0, 1].")
+
+def _check_rollouts(cfg: RolloutsConfig) -> None:
+    from mocd_train.assets import PROMPT_SOURCES
+
+    if cfg.prompts_file is not None and not Path(cfg.prompts_file).is_file():
+        raise ConfigError(f"prompts_file: {cfg.prompts_file!r} does not exist. Give a path to a .jsonl/.json/.txt file.")
+    if cfg.prompts_file is None:
+        if not cfg.prompt_sources:
+            raise ConfigError("prompt_sources: empty. Name packaged sources or set prompts_file.")
+        for src in cfg.prompt_sources:
+            if src not in PROMPT_SOURCES:
+                raise _unknown_key(src, list(PROMPT_SOURCES), "prompt_sources")
+    _positive(cfg, "num_samples", "max_new_tokens", "chunk_size", "score_batch_size")
+    if cfg.max_prompts is not None:
+        _positive(cfg, "max_prompts")
+    _fraction(cfg, "heldout_fraction")
+    if cfg.temperature <= 0:
+        raise ConfigError("temperature: must be > 0 (sampling K different responses needs randomness).")
+    if not 0.0 < cfg.top_p <= 1.0:
+        raise ConfigError(f"top_p: {cfg.top_p} must lie in (0, 1].")
+
+
+def _check_value(cfg: ValueConfig) -> None:
+    _positive(cfg, "lora_r", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+              "eval_batch_size", "save_steps", "logging_steps")
+    if cfg.num_layers is not None:
+        _positive(cfg, "num_layers")
+    _fraction(cfg, "heldout_fraction")
+    if cfg.learning_rate <= 0 or cfg.num_train_epochs <= 0:
+        raise ConfigError("learning_rate and num_train_epochs must be > 0.")
+
+
+def _check_palette(cfg: PaletteConfig) -> None:
+    from mocd_train.rewards import parse_objectives
+
+    names = [o.name for o in parse_objectives(cfg.objectives)]
+    for key in list(cfg.targets) + list(cfg.priority or []):
+        if key not in names:
+            raise _unknown_key(key, names, "targets/priority (objective names)")
+    if cfg.priority is not None and sorted(cfg.priority) != sorted(names):
+        raise ConfigError(f"priority: {cfg.priority} must list every objective once: {names}.")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name: {cfg.name!r} must be a plain file name.")
+    if cfg.tol <= 0:
+        raise ConfigError("tol: must be > 0.")
+
+
+_CHECKS = {RolloutsConfig: _check_rollouts, ValueConfig: _check_value, PaletteConfig: _check_palette}
+
+
+def _fraction(cfg: Any, key: str) -> None:
+    if not 0.0 < getattr(cfg, key) < 1.0:
+        raise ConfigError(f"{key}: {getattr(cfg, key)} must lie strictly between 0 and 1.")
 
 
 def _positive(cfg: Any, *keys: str) -> None:

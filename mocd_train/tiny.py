@@ -67,3 +67,48 @@ def tiny_gpt2_reward_model(path: str | Path, num_labels: int = 2, seed: int = 0)
     GPT2ForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+def synthetic_rollouts(run_dir: str | Path, model: str, objectives: tuple[str, ...] = ("readability", "positivity"),
+                       num_prompts: int = 64, num_samples: int = 4, max_len: int = 24, seed: int = 0) -> Path:
+    """A complete rollouts stage for `model` (a tiny checkpoint's path) whose rewards are known functions of the
+    response tokens: objective g is the share of tokens with id ≡ g (mod G + 1). Random responses over 32 token ids,
+    random lengths. Lets the value model and decoders be tested against a ground truth without generation."""
+    import random
+
+    import yaml
+
+    from mocd_train.assets import Prompt
+    from mocd_train.config import RolloutsConfig, to_dict
+    from mocd_train.data import merge_rollouts
+    from mocd_train.models import load_tokenizer
+    from mocd_train.rundir import atomic_write_json, mark_complete, stage_dir
+
+    rng = random.Random(seed)
+    tokenizer = load_tokenizer(model)
+    specials = set(tokenizer.all_special_ids)
+    pool = rng.sample([i for i in range(len(tokenizer)) if i not in specials], 32)  # few ids: learnable from little data
+    out = stage_dir(run_dir, "rollouts")
+    rows = []
+    for p in range(num_prompts):
+        prompt = " ".join(rng.choice(_CORPUS).split()[: rng.randint(3, 8)]) + f" #{p}"
+        for k in range(num_samples):
+            ids = [rng.choice(pool) for _ in range(rng.randint(2, max_len))]
+            row = {"prompt_id": f"p{p}", "prompt": prompt, "source": "synthetic", "category": "", "harmful": False,
+                   "sample": k, "response": tokenizer.decode(ids), "response_ids": ids, "num_prompt_tokens": 0,
+                   "num_response_tokens": len(ids), "finished": rng.random() < 0.5}
+            row.update({f"reward_{name}": token_reward(ids, g, len(objectives)) for g, name in enumerate(objectives)})
+            rows.append(row)
+    atomic_write_json(out / "shards" / "chunk-00000.json", {"chunk": 0, "rank": 0, "world_size": 1, "gen_seconds": 1.0,
+                                                           "score_seconds": 0.0, "new_tokens": 0, "rows": rows})
+    cfg = RolloutsConfig(run_dir=str(run_dir), model=model, objectives=list(objectives), report_to="none")
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    prompts = [Prompt(f"p{p}", "synthetic") for p in range(num_prompts)]  # merge counts them: one chunk
+    mark_complete(out, merge_rollouts(prompts, out / "shards", out, list(objectives), chunk_size=num_prompts,
+                                      normalization="zscore"))
+    return out
+
+
+def token_reward(ids: list[int], g: int, num_objectives: int) -> float:
+    """The synthetic objective g of `synthetic_rollouts`."""
+    return sum(1 for i in ids if i % (num_objectives + 1) == g) / max(len(ids), 1)

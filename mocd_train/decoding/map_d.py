@@ -1,0 +1,64 @@
+"""MAP-D (ALGORITHMS.md §6): per prompt, k samples from π_ref, one kept with probability softmax(λᵀr) — a
+sampling-importance-resampling approximation of p_λ ∝ π_ref · exp(λᵀr) that needs no training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mocd_train.config import ConfigError
+from mocd_train.data import sample_responses
+from mocd_train.rewards import RewardSet
+
+
+def resample(rewards: torch.Tensor, lam: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """rewards [N, k, m] (raw units, as λ was solved on), λ [m] → chosen index [N], drawn ∝ exp(λᵀr)."""
+    logits = rewards.double() @ lam.double().to(rewards.device)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu().float(), 1, generator=generator).squeeze(1)
+
+
+def load_palette(path: str | Path, objectives: list[str]) -> dict:
+    """A solved palette JSON; refuses infeasible ones and ones for other objectives."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"palette: {str(path)!r} does not exist. Solve one with recipes/solve_palette.py first.")
+    record = json.loads(path.read_text())
+    if record["objectives"] != list(objectives):
+        raise ConfigError(f"palette {path} is for objectives {record['objectives']}, this run has {objectives}.")
+    if not record["feasible"]:
+        raise ConfigError(f"palette {path} is infeasible (LP margin {record['margin']:+.4f}); re-solve it with "
+                          "--auto_adjust interpolate.")
+    return record
+
+
+@dataclass
+class MapD:
+    policy: object
+    tokenizer: object
+    rewards: RewardSet
+    lam: torch.Tensor  # [m], raw reward units
+    k: int = 16
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    system_prompt: str | None = None
+
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None) -> list[dict]:
+        """One response per prompt with its raw reward vector, the k candidates' rewards and selection weights."""
+        rows = sample_responses(self.policy, self.tokenizer, prompts, self.k, self.max_new_tokens, self.temperature,
+                                self.top_p, self.system_prompt)
+        texts = [p for p in prompts for _ in range(self.k)]
+        scores = self.rewards.score(texts, [r["response"] for r in rows]).view(len(prompts), self.k, -1)
+        choice = resample(scores, self.lam, generator)
+        weights = torch.softmax(scores.double() @ self.lam.double(), -1)
+        out = []
+        for i, j in enumerate(choice.tolist()):
+            row = rows[i * self.k + j]
+            out.append({**row, "prompt": prompts[i], "chosen": j, "rewards": scores[i, j].tolist(),
+                        "candidate_rewards": scores[i].tolist(), "selection_weights": weights[i].tolist(),
+                        "policy_tokens": sum(rows[i * self.k + c]["num_response_tokens"] for c in range(self.k))})
+        return out

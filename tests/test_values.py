@@ -1,0 +1,177 @@
+import json
+
+import pytest
+import torch
+from test_rollouts import recipe
+
+from mocd_train.config import ConfigError
+from mocd_train.rewards import Normalizer
+from mocd_train.tiny import synthetic_rollouts
+from mocd_train.values import (
+    BackboneSpec,
+    ValueModel,
+    build_value_model,
+    value_datasets,
+)
+
+OBJECTIVES = ["readability", "positivity"]
+
+
+def value_model(path, init_from="causal_lm", train_mode="full", seed=0):
+    from mocd_train.models import load_tokenizer
+
+    torch.manual_seed(seed)
+    norm = Normalizer(OBJECTIVES, [0.0, 0.0], [1.0, 1.0])
+    lora = dict(r=4, lora_alpha=8, target_modules="all-linear")
+    model, tok = build_value_model(BackboneSpec(path, init_from, None, train_mode), OBJECTIVES, norm,
+                                   load_tokenizer(path), None, lora)
+    torch.nn.init.normal_(model.head.weight)  # a zero head would make every comparison trivially equal
+    torch.nn.init.normal_(model.head.bias)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    return model.eval(), tok
+
+
+def left_pad(seqs, pad_id):
+    width = max(map(len, seqs))
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2-reward-model"])
+def test_incremental_block_scores_equal_scoring_each_full_sequence_alone(kind, tiny_lm, tiny_rm):
+    path, init_from = (tiny_lm, "causal_lm") if kind == "llama" else (tiny_rm, "reward_model")
+    model, _ = value_model(path, init_from)
+    g = torch.Generator().manual_seed(1)
+    prompts = [[5, 9, 33, 7], [11, 12], [40, 41, 42, 43, 44, 45]]
+    n, k, b = len(prompts), 3, 4
+    ids, mask = left_pad(prompts, pad_id=0)
+    _, state = model.prefill(ids, mask)
+    history = [list(p) for p in prompts]
+    for step in range(2):  # two blocks: the second continues from the winners' caches
+        blocks = torch.randint(50, 300, (n, k, b), generator=g)
+        bmask = torch.ones(n, k, b, dtype=torch.long)
+        bmask[0, 1, 2:] = 0  # branch ended (EOS) inside the block
+        if step == 1:
+            bmask[2, :, :] = 0  # a finished row: no new tokens at all
+        prev = torch.full((n, 2), 7.0)
+        end, state = model.score_blocks(state, blocks, bmask, prev_values=prev)
+        for i in range(n):
+            for j in range(k):
+                new = blocks[i, j][bmask[i, j].bool()].tolist()
+                if not new:
+                    assert torch.equal(end[i, j], prev[i])
+                    continue
+                seq = torch.tensor([history[i] + new])
+                full, _ = model(seq, torch.ones_like(seq))
+                torch.testing.assert_close(end[i, j], full[0, -1], atol=1e-4, rtol=0)
+        winners = torch.tensor([1, 0, 2])
+        state = state.select(torch.arange(n) * k + winners)
+        for i in range(n):
+            history[i] += blocks[i, winners[i]][bmask[i, winners[i]].bool()].tolist()
+
+
+@pytest.mark.parametrize("train_mode", ["full", "lora", "frozen"])
+def test_save_load_round_trip(train_mode, tiny_lm, tmp_path):
+    model, tok = value_model(tiny_lm, train_mode=train_mode)
+    ids = torch.tensor([[3, 50, 60, 70, 80]])
+    before, _ = model(ids, torch.ones_like(ids))
+    model.save(tmp_path / "v", tok)
+    assert not (tmp_path / "v.tmp").exists()
+    loaded, tok2 = ValueModel.load(tmp_path / "v", objectives=OBJECTIVES)
+    after, _ = loaded(ids, torch.ones_like(ids))
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert loaded.objectives == OBJECTIVES and tok2.get_vocab() == tok.get_vocab()
+    stored = {p.name for p in (tmp_path / "v").iterdir()}
+    assert ("backbone" in stored) == (train_mode == "full") and ("adapter" in stored) == (train_mode == "lora")
+    with pytest.raises(ConfigError, match="helpfulness"):
+        ValueModel.load(tmp_path / "v", objectives=["helpfulness", "harmlessness"])
+
+
+def train_args(run_dir, lm, *extra):
+    return ["--run_dir", str(run_dir), "--model", lm, "--objectives", f"[{', '.join(OBJECTIVES)}]",
+            "--report_to", "none", "--learning_rate", "3e-3", "--heldout_fraction", "0.25", "--logging_steps", "1000",
+            *extra]
+
+
+def test_learns_a_synthetic_token_objective(tiny_lm, tmp_path):
+    synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=192)
+    out = recipe("train_value").main(train_args(tmp_path, tiny_lm, "--num_train_epochs", "15"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    for g in OBJECTIVES:
+        assert metrics[g]["100%"]["spearman"] >= 0.9, metrics[g]
+        assert metrics[g]["100%"]["pearson"] >= 0.8, metrics[g]
+        # the value sharpens as more of the response is seen
+        assert metrics[g]["25%"]["mse"] > metrics[g]["100%"]["mse"]
+        assert metrics[g]["25%"]["pearson"] < metrics[g]["100%"]["pearson"]
+    model, _ = ValueModel.load(out / "model", objectives=OBJECTIVES)
+    assert model.meta.shares_policy_tokenizer and model.normalizer.objectives == OBJECTIVES
+
+
+def test_resumed_training_equals_uninterrupted(tiny_lm, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    import mocd_train.values as values
+
+    synthetic_rollouts(tmp_path / "a", tiny_lm, tuple(OBJECTIVES), num_prompts=32)
+    synthetic_rollouts(tmp_path / "b", tiny_lm, tuple(OBJECTIVES), num_prompts=32)
+    extra = ("--num_train_epochs", "3", "--save_steps", "5")
+    train_value = recipe("train_value")
+    whole = train_value.main(train_args(tmp_path / "a", tiny_lm, *extra))
+
+    class Killed(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 8:  # after the checkpoint at step 5
+                raise KeyboardInterrupt
+
+    real = values.value_trainer_class
+
+    def killing_trainer():
+        cls = real()
+
+        class Dies(cls):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                self.add_callback(Killed())
+
+        return Dies
+
+    monkeypatch.setattr(train_value, "value_trainer_class", killing_trainer)
+    with pytest.raises(KeyboardInterrupt):
+        train_value.main(train_args(tmp_path / "b", tiny_lm, *extra))
+    assert not (tmp_path / "b" / "value" / "DONE.json").exists()
+    monkeypatch.setattr(train_value, "value_trainer_class", real)
+    resumed = train_value.main(train_args(tmp_path / "b", tiny_lm, *extra))
+    assert json.loads((resumed / "DONE.json").read_text())["resumed_from"].endswith("checkpoint-5")
+    a, _ = ValueModel.load(whole / "model")
+    b, _ = ValueModel.load(resumed / "model")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+def test_objectives_must_match_the_rollouts(tiny_lm, tmp_path):
+    synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=8)
+    args = train_args(tmp_path, tiny_lm)
+    args[args.index("--objectives") + 1] = "[positivity, readability]"
+    with pytest.raises(ConfigError, match=r"objectives \['readability', 'positivity'\].*\['positivity', 'readability'\]"):
+        recipe("train_value").main(args)
+
+
+def test_value_examples_mask_only_the_response(tiny_lm, tmp_path):
+    from datasets import load_from_disk
+
+    from mocd_train.values import collate_values
+
+    synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=8)
+    rows = load_from_disk(str(tmp_path / "rollouts" / "dataset"))
+    norm = Normalizer.load(tmp_path / "rollouts" / "normalization.json")
+    model, tok = value_model(tiny_lm)
+    train, held = value_datasets(rows, tok, model.meta, norm, 512, 0.25)
+    assert len(train) + len(held) == len(rows)
+    batch = collate_values(train[:4], tok.pad_token_id)
+    for i, ex in enumerate(train[:4]):
+        row = next(r for r in rows if list(r["response_ids"]) == ex["input_ids"][ex["response_start"]:][
+            : len(r["response_ids"])] and r["prompt"] in tok.decode(ex["input_ids"][: ex["response_start"]]))
+        assert int(batch["response_mask"][i].sum()) == len(row["response_ids"]) + int(row["finished"])
