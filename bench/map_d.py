@@ -53,9 +53,9 @@ def main() -> None:
     for i in tqdm(range(0, len(prompts), args.batch_prompts), desc="MAP-D", unit="batch"):
         out += decoder.generate([p.text for p in prompts[i : i + args.batch_prompts]], g)
     seconds = time.perf_counter() - t0
-    chosen = torch.tensor([o["rewards"] for o in out], dtype=torch.float64)  # [N, m]
-    cands = torch.tensor([o["candidate_rewards"] for o in out], dtype=torch.float64)  # [N, k, m]
-    weights = torch.tensor([o["selection_weights"] for o in out], dtype=torch.float64)  # [N, k]
+    chosen = torch.tensor([o.values for o in out], dtype=torch.float64)  # [N, m]
+    cands = torch.tensor([o.trace[0]["candidate_rewards"] for o in out], dtype=torch.float64)  # [N, k, m]
+    weights = torch.tensor([o.trace[0]["selection_weights"] for o in out], dtype=torch.float64)  # [N, k]
     expected = (weights[..., None] * cands).sum(1)  # E over the resampling draw: same mean, lower variance
     n = len(out)
     result = {"palette": str(path), "lam": palette["lam"], "prompts": n, "k": args.k, "objectives": {}}
@@ -71,7 +71,7 @@ def main() -> None:
             "gap_in_se": float((chosen[:, i].mean() - palette["target"][i]) / se),
             "within_2se": bool(abs(chosen[:, i].mean() - palette["target"][i]) <= 2 * se),
         }
-    tokens = sum(o["policy_tokens"] for o in out)
+    tokens = sum(o.cost["policy_tokens"] for o in out)
     result.update(seconds=seconds, policy_tokens=tokens, tokens_per_second=tokens / seconds,
                   mean_selection_ess=float((1 / (weights**2).sum(1)).mean()))
     print(json.dumps(result, indent=2))

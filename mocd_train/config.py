@@ -163,7 +163,43 @@ class PaletteConfig(CommonConfig):
     tol: float = field(default=1e-6, metadata=_help("KKT tolerance, in standard deviations of each objective."))
 
 
-STAGES: dict[str, type[CommonConfig]] = {"rollouts": RolloutsConfig, "value": ValueConfig, "palette": PaletteConfig}
+@dataclass
+class TeachConfig(CommonConfig):
+    """Decode prompts with a decoding-time teacher and write its outputs as a dataset (stage `teach`)."""
+
+    decoder: Literal["rmod", "cd_uniform", "cd_single", "cd_fixed", "cd_maximin", "best_of_k", "pi_ref", "map_d"] = (
+        field(default="rmod", metadata=_help("The teacher (ALGORITHMS.md §3, §6); see README 'Decoders'.")))
+    name: str | None = field(default=None, metadata=_help("Output folder teach/<name> (default: the decoder's name)."))
+    rmod_lambda: float = field(
+        default=1.0, metadata=_help("RMOD's scalar KL trade-off λ (not MAP's weights): large = robust to the worst "
+                                    "objective. Also the temperature of selection: sample."))
+    num_candidates: int = field(default=4, metadata=_help("K: candidate blocks per step (samples for MAP-D)."))
+    block_size: int = field(default=8, metadata=_help("B: tokens per block (Best-of-K uses B = max_new_tokens)."))
+    max_new_tokens: int = field(default=64, metadata=_help("T: response length cap."))
+    selection: Literal["argmax", "sample"] = field(
+        default="argmax", metadata=_help("RMOD: keep argmax_k w·V_k (paper) or sample ∝ exp(λ w·V_k)."))
+    weights_method: Literal["exact", "paper"] = field(
+        default="exact", metadata=_help("RMOD weights: exact solver, or the paper's 10-step update (comparison)."))
+    objective: str | None = field(default=None, metadata=_help("cd_single: the objective to follow."))
+    weights: list[float] | None = field(default=None, metadata=_help("cd_fixed: one weight per objective."))
+    best_of_k_rule: Literal["uniform", "maximin", "rmod"] = field(
+        default="uniform", metadata=_help("best_of_k: how the K full responses are compared."))
+    score_with: Literal["value", "reward"] = field(
+        default="value", metadata=_help("Candidates scored by the trained value model or by the reward functions."))
+    value_model: str | None = field(default=None, metadata=_help("Value model folder (default <run_dir>/value/model)."))
+    palette: str | None = field(default=None, metadata=_help("map_d: palette name under <run_dir>/palette or a path."))
+    split: Literal["train", "heldout"] = field(
+        default="train", metadata=_help("Prompts to decode: train (teacher data) or heldout (evaluation)."))
+    max_prompts: int | None = field(default=None, metadata=_help("At most this many prompts (balanced by source)."))
+    temperature: float = field(default=1.0, metadata=_help("π_ref sampling temperature."))
+    top_p: float = field(default=1.0, metadata=_help("π_ref nucleus threshold."))
+    batch_size: int = field(default=8, metadata=_help("Prompts decoded together (× K rows)."))
+    chunk_size: int = field(default=16, metadata=_help("Prompts per shard file: the unit of resumption and seeding."))
+    overwrite: bool = field(default=False, metadata=_help("Delete teach/<name> and start over."))
+
+
+STAGES: dict[str, type[CommonConfig]] = {"rollouts": RolloutsConfig, "value": ValueConfig, "palette": PaletteConfig,
+                                         "teach": TeachConfig}
 
 # Keys whose change does not alter a stage's outputs: a resumed run may use different values.
 RESUME_FREE_KEYS = {"report_to", "device", "cache_dir", "score_batch_size", "overwrite", "eval_batch_size",
@@ -322,7 +358,25 @@ def _check_palette(cfg: PaletteConfig) -> None:
         raise ConfigError("tol: must be > 0.")
 
 
-_CHECKS = {RolloutsConfig: _check_rollouts, ValueConfig: _check_value, PaletteConfig: _check_palette}
+def _check_teach(cfg: TeachConfig) -> None:
+    from mocd_train.rewards import parse_objectives
+
+    names = [o.name for o in parse_objectives(cfg.objectives)]
+    _positive(cfg, "num_candidates", "block_size", "max_new_tokens", "batch_size", "chunk_size")
+    if cfg.rmod_lambda < 0:
+        raise ConfigError("rmod_lambda: must be ≥ 0.")
+    if cfg.decoder == "cd_single" and cfg.objective not in names:
+        raise ConfigError(f"objective: cd_single needs one of {names}, got {cfg.objective!r}.")
+    if cfg.decoder == "cd_fixed" and (cfg.weights is None or len(cfg.weights) != len(names)):
+        raise ConfigError(f"weights: cd_fixed needs {len(names)} weights (one per objective {names}), got {cfg.weights}.")
+    if cfg.decoder == "map_d" and not cfg.palette:
+        raise ConfigError("palette: map_d needs a solved palette (recipes/solve_palette.py), e.g. --palette hh-65.")
+    if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
+        raise ConfigError("temperature must be > 0 and top_p in (0, 1].")
+
+
+_CHECKS = {RolloutsConfig: _check_rollouts, ValueConfig: _check_value, PaletteConfig: _check_palette,
+           TeachConfig: _check_teach}
 
 
 def _fraction(cfg: Any, key: str) -> None:

@@ -77,18 +77,54 @@ def chunk_path(shard_dir: Path, chunk: int) -> Path:
     return shard_dir / f"chunk-{chunk:05d}.json"
 
 
+def run_chunks(items: list, chunk_size: int, shard_dir: Path, work, *, rank: int = 0, world_size: int = 1,
+               desc: str = "work", unit: str = "item") -> None:
+    """Cut `items` into fixed chunks; this rank does chunks c ≡ rank (mod world_size) that have no file yet.
+    `work(c, chunk)` returns (rows, new_tokens, seconds, extra dict); each chunk is written atomically as one JSON
+    file, so a killed run resumes at its first missing chunk and never mistakes a partial file for a finished one."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    n_chunks = (len(items) + chunk_size - 1) // chunk_size
+    mine = [c for c in range(rank, n_chunks, world_size) if not chunk_path(shard_dir, c).is_file()]
+    total = sum(len(items[c * chunk_size : (c + 1) * chunk_size]) for c in mine)
+    bar = tqdm(total=total, desc=f"{desc}[rank {rank}]", unit=unit, disable=rank != 0 and world_size > 1)
+    tokens, seconds = 0, 0.0
+    for c in mine:
+        chunk = items[c * chunk_size : (c + 1) * chunk_size]
+        rows, new_tokens, secs, extra = work(c, chunk)
+        atomic_write_json(chunk_path(shard_dir, c), {"chunk": c, "rank": rank, "world_size": world_size,
+                                                     "new_tokens": new_tokens, **extra, "rows": rows})
+        tokens, seconds = tokens + new_tokens, seconds + secs
+        bar.update(len(chunk))
+        bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+    bar.close()
+
+
+def read_chunks(shard_dir: Path, num_items: int, chunk_size: int, stage: str) -> list[dict]:
+    """Every chunk file of a finished stage, in order; a missing one is an error that says how to finish it."""
+    n_chunks = (num_items + chunk_size - 1) // chunk_size
+    missing = [c for c in range(n_chunks) if not chunk_path(shard_dir, c).is_file()]
+    if missing:
+        raise RuntimeError(f"{stage}: chunks {missing[:10]} are missing in {shard_dir}; re-run the stage to finish them.")
+    return [json.loads(chunk_path(shard_dir, c).read_text()) for c in range(n_chunks)]
+
+
+def save_dataset(rows: list[dict], final: Path) -> None:
+    """A `datasets` dataset written to a temp folder, then renamed into place."""
+    from datasets import Dataset
+
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Dataset.from_list(rows).save_to_disk(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
 def write_rollout_shards(prompts: list[Prompt], model, tokenizer, rewards: RewardSet, shard_dir: Path, *,
                          seed: int, chunk_size: int, num_samples: int, max_new_tokens: int, temperature: float,
                          top_p: float, system_prompt: str | None, rank: int = 0, world_size: int = 1) -> None:
     """Generate and score this rank's unfinished chunks, each written atomically to its own file."""
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    n_chunks = (len(prompts) + chunk_size - 1) // chunk_size
-    mine = [c for c in range(rank, n_chunks, world_size) if not chunk_path(shard_dir, c).is_file()]
-    bar = tqdm(total=len(mine) * chunk_size * num_samples, desc=f"rollouts[rank {rank}]", unit="resp",
-               disable=rank != 0 and world_size > 1)
-    tokens, gen_seconds = 0, 0.0
-    for c in mine:
-        chunk = prompts[c * chunk_size : (c + 1) * chunk_size]
+
+    def work(c, chunk):
         torch.manual_seed(chunk_seed(seed, c))
         t0 = time.perf_counter()
         rows = sample_responses(model, tokenizer, [p.text for p in chunk], num_samples, max_new_tokens,
@@ -103,33 +139,22 @@ def write_rollout_shards(prompts: list[Prompt], model, tokenizer, rewards: Rewar
                        harmful=p.harmful, sample=k % num_samples)
             row.update({f"reward_{name}": float(v) for name, v in zip(rewards.names, scores[k].tolist())})
         new_tokens = sum(r["num_response_tokens"] + r["finished"] for r in rows)
-        atomic_write_json(chunk_path(shard_dir, c), {
-            "chunk": c, "rank": rank, "world_size": world_size, "gen_seconds": t1 - t0, "score_seconds": t2 - t1, "new_tokens": new_tokens, "rows": rows})
-        tokens, gen_seconds = tokens + new_tokens, gen_seconds + (t1 - t0)
-        bar.update(len(rows))
-        bar.set_postfix(tok_s=f"{tokens / max(gen_seconds, 1e-9):.0f}")
-    bar.close()
+        return rows, new_tokens, t1 - t0, {"gen_seconds": t1 - t0, "score_seconds": t2 - t1}
+
+    run_chunks(prompts, chunk_size, shard_dir, work, rank=rank, world_size=world_size, desc="rollouts",
+               unit="prompt")
 
 
 def merge_rollouts(prompts: list[Prompt], shard_dir: Path, out_dir: Path, objectives: list[str], chunk_size: int,
                    normalization: str) -> dict:
     """All chunk files → one `datasets` dataset + normalisation stats; returns the summary for DONE.json."""
-    from datasets import Dataset
-
-    n_chunks = (len(prompts) + chunk_size - 1) // chunk_size
-    missing = [c for c in range(n_chunks) if not chunk_path(shard_dir, c).is_file()]
-    if missing:
-        raise RuntimeError(f"rollouts: chunks {missing[:10]} are missing in {shard_dir}; re-run the stage to finish them.")
-    shards = [json.loads(chunk_path(shard_dir, c).read_text()) for c in range(n_chunks)]
+    shards = read_chunks(shard_dir, len(prompts), chunk_size, "rollouts")
     rows = [r for s in shards for r in s["rows"]]
     raw = torch.tensor([[r[f"reward_{n}"] for n in objectives] for r in rows], dtype=torch.float64)
     normalizer = Normalizer.fit(objectives, raw, normalization)
     normalizer.save(out_dir / "normalization.json")
-    tmp, final = out_dir / "dataset.tmp", out_dir / "dataset"
-    shutil.rmtree(tmp, ignore_errors=True)
-    Dataset.from_list(rows).save_to_disk(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    final = out_dir / "dataset"
+    save_dataset(rows, final)
     gen_s = sum(s["gen_seconds"] for s in shards)
     tokens = sum(s["new_tokens"] for s in shards)
     return {

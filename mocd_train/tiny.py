@@ -53,6 +53,23 @@ def tiny_llama(path: str | Path, seed: int = 0, hidden: int = 32, layers: int = 
     return Path(path)
 
 
+def tiny_gpt2_lm(path: str | Path, seed: int = 0) -> Path:
+    """A 2-layer GPT-2 causal LM with the ChatML tokenizer (a second architecture for the decoding engine)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
 def tiny_gpt2_reward_model(path: str | Path, num_labels: int = 2, seed: int = 0) -> Path:
     """A GPT-2 sequence classifier with `num_labels` heads and no pad token (as GPT-2 RMs ship)."""
     import torch

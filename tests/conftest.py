@@ -28,3 +28,10 @@ def tiny_rm(tmp_path_factory):
     from mocd_train.tiny import tiny_gpt2_reward_model
 
     return str(tiny_gpt2_reward_model(tmp_path_factory.mktemp("tiny_rm"), num_labels=3))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_lm(tmp_path_factory):
+    from mocd_train.tiny import tiny_gpt2_lm
+
+    return str(tiny_gpt2_lm(tmp_path_factory.mktemp("tiny_gpt2")))

@@ -62,8 +62,9 @@ def test_map_d_generates_one_response_per_prompt(tiny_lm):
     torch.manual_seed(0)
     decoder = MapD(policy, tok, scorer, torch.tensor([50.0, 0.0]), k=6, max_new_tokens=6)
     out = decoder.generate(["How do I bake bread?", "What is the capital of France?"])
-    assert [o["prompt"] for o in out] == ["How do I bake bread?", "What is the capital of France?"]
+    assert [o.prompt for o in out] == ["How do I bake bread?", "What is the capital of France?"]
     for o in out:
-        assert len(o["candidate_rewards"]) == 6 and sum(o["selection_weights"]) == pytest.approx(1.0)
+        (block,) = o.trace
+        assert len(block["candidate_rewards"]) == 6 and sum(block["selection_weights"]) == pytest.approx(1.0)
         # a huge weight on readability picks (almost surely) the most readable candidate
-        assert o["rewards"][0] == pytest.approx(max(c[0] for c in o["candidate_rewards"]))
+        assert o.values[0] == pytest.approx(max(c[0] for c in block["candidate_rewards"]))

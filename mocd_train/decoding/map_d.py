@@ -4,13 +4,15 @@ sampling-importance-resampling approximation of p_λ ∝ π_ref · exp(λᵀr) t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mocd_train.config import ConfigError
 from mocd_train.data import sample_responses
+from mocd_train.decoding.engine import Decoded
 from mocd_train.rewards import RewardSet
 
 
@@ -46,19 +48,36 @@ class MapD:
     temperature: float = 1.0
     top_p: float = 1.0
     system_prompt: str | None = None
+    batch_size: int = 4
+    name: str = "map_d"
+    params: dict = field(default_factory=dict)
 
-    def generate(self, prompts: list[str], generator: torch.Generator | None = None) -> list[dict]:
-        """One response per prompt with its raw reward vector, the k candidates' rewards and selection weights."""
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None, progress=None) -> list[Decoded]:
+        """One response per prompt; `values` holds its raw reward vector, the trace the k candidates' rewards and
+        their selection probabilities. Sampling draws from the global torch RNG (seeded by the caller)."""
+        out: list[Decoded] = []
+        for i in range(0, len(prompts), self.batch_size):
+            out += self._batch(prompts[i : i + self.batch_size], generator)
+            if progress:
+                progress(len(out))
+        return out
+
+    def _batch(self, prompts, generator):
+        t0 = time.perf_counter()
         rows = sample_responses(self.policy, self.tokenizer, prompts, self.k, self.max_new_tokens, self.temperature,
                                 self.top_p, self.system_prompt)
         texts = [p for p in prompts for _ in range(self.k)]
         scores = self.rewards.score(texts, [r["response"] for r in rows]).view(len(prompts), self.k, -1)
-        choice = resample(scores, self.lam, generator)
+        choice = resample(scores, self.lam, generator if generator is None or generator.device.type == "cpu" else None)
         weights = torch.softmax(scores.double() @ self.lam.double(), -1)
+        seconds = (time.perf_counter() - t0) / len(prompts)
         out = []
         for i, j in enumerate(choice.tolist()):
             row = rows[i * self.k + j]
-            out.append({**row, "prompt": prompts[i], "chosen": j, "rewards": scores[i, j].tolist(),
-                        "candidate_rewards": scores[i].tolist(), "selection_weights": weights[i].tolist(),
-                        "policy_tokens": sum(rows[i * self.k + c]["num_response_tokens"] for c in range(self.k))})
+            tokens = sum(rows[i * self.k + c]["num_response_tokens"] for c in range(self.k))
+            out.append(Decoded(prompts[i], row["response"], row["response_ids"], row["finished"],
+                               scores[i, j].tolist(),
+                               [{"block": 0, "candidate_rewards": scores[i].tolist(), "chosen": j,
+                                 "selection_weights": weights[i].tolist()}],
+                               {"policy_tokens": tokens, "value_tokens": 0, "seconds": seconds}))
         return out

@@ -1,0 +1,224 @@
+"""The blockwise sampler behind RMOD, the CD baselines and Best-of-K (DESIGN.md "The fast path").
+
+Per batch of prompts: prefill each prompt once; its K branches share that prefill; each block samples B tokens per
+branch from π_ref with the KV cache; the value model scores only the new tokens from its own cache; a selection rule
+picks one branch per prompt; the winner's caches (policy and value) are copied into all K branch slots and decoding
+continues. Prompts whose response ended leave the batch. `reuse_cache=False` runs the same loop but re-encodes
+every prefix at each block (the naive baseline, and the reference the tests compare against).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mocd_train.data import chat_texts, eos_ids
+
+
+@dataclass
+class Decoded:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    values: list[float] | None  # the kept branch's last value (normalised units), or its scores
+    trace: list[dict] = field(default_factory=list)  # per block: candidates' values, weights, chosen, ...
+    cost: dict = field(default_factory=dict)
+
+
+# A selection rule maps candidate values [n, K, G] to the chosen branch [n] and per-prompt trace entries.
+Rule = Callable[[torch.Tensor, torch.Generator | None], tuple[torch.Tensor, list[dict]]]
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from softmax(logits / T), restricted to the top-p nucleus; exponential-race sampling so the
+    draw consumes exactly one uniform per vocabulary entry (the same stream whatever computed the logits)."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_lp, order = logp.sort(-1, descending=True)
+        drop = sorted_lp.exp().cumsum(-1) - sorted_lp.exp() >= top_p  # keep the smallest set reaching top_p
+        logp = logp.scatter(-1, order, sorted_lp.masked_fill(drop, -float("inf")))
+    noise = torch.empty_like(logp).exponential_(generator=generator)
+    return (logp - noise.log()).argmax(-1)
+
+
+class BlockEngine:
+    def __init__(self, policy, tokenizer, value_model=None, value_tokenizer=None, reward_set=None, *,
+                 num_candidates: int = 4, block_size: int = 8, max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_p: float = 1.0, system_prompt: str | None = None, batch_size: int = 8,
+                 reuse_cache: bool = True, ignore_eos: bool = False):
+        if value_model is None and reward_set is None and num_candidates > 1:
+            raise ValueError("the engine needs a value model or reward functions to score candidates.")
+        self.policy, self.tok = policy, tokenizer
+        self.value, self.vtok, self.rewards = value_model, value_tokenizer, reward_set
+        self.k, self.b, self.t = num_candidates, block_size, max_new_tokens
+        self.temperature, self.top_p, self.system_prompt = temperature, top_p, system_prompt
+        self.batch_size, self.reuse_cache = batch_size, reuse_cache
+        stop = eos_ids(policy, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+        # ignore_eos (benchmarks): every branch runs the full T tokens, as generate(min_new_tokens=T) does
+        self.stop = torch.tensor([] if ignore_eos else stop, dtype=torch.long, device=policy.device)
+        self.shared = value_model is not None and value_model.meta.shares_policy_tokenizer
+        if value_model is not None:
+            from mocd_train.values import same_tokenizer
+
+            if value_tokenizer is None:
+                raise ValueError("pass the value model's tokenizer (ValueModel.load returns it).")
+            if self.shared and not same_tokenizer(tokenizer, value_tokenizer):
+                raise ValueError("the value model was trained on another policy's token ids (its tokenizer differs "
+                                 "from this policy's); train a value model on this policy's rollouts.")
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], rule: Rule, generator: torch.Generator | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[Decoded]:
+        out: list[Decoded] = []
+        for i in range(0, len(prompts), self.batch_size):
+            out += self._batch(prompts[i : i + self.batch_size], rule, generator)
+            if progress:
+                progress(len(out))
+        return out
+
+    # -------------------------------------------------------------------------------------------------- batch
+
+    def _batch(self, prompts: list[str], rule: Rule, generator) -> list[Decoded]:
+        t0 = time.perf_counter()
+        n, k, dev = len(prompts), self.k, self.policy.device
+        prompt_ids = [self.tok(t, add_special_tokens=False)["input_ids"]
+                      for t in chat_texts(self.tok, prompts, self.system_prompt)]
+        responses: list[list[int]] = [[] for _ in range(n)]
+        finished = [False] * n
+        traces: list[list[dict]] = [[] for _ in range(n)]
+        last_values: list[list[float] | None] = [None] * n
+        cost = {"policy_tokens": 0, "value_tokens": 0, "prefill_tokens": 0}
+        active = list(range(n))
+        cache = logits = mask = vstate = None
+        produced = 0
+        while active and produced < self.t:
+            b = min(self.b, self.t - produced)
+            if cache is None or not self.reuse_cache:  # (re-)encode the active prompts' prefixes
+                ids, pmask = _left_pad([prompt_ids[p] + responses[p] for p in active], self.pad, dev)
+                cache, logits = self._policy_forward(ids, pmask, None)
+                cost["prefill_tokens"] += int(pmask.sum())
+                cache.batch_repeat_interleave(k)
+                logits, mask = logits.repeat_interleave(k, 0), pmask.repeat_interleave(k, 0)
+                if self.shared and self.reuse_cache:
+                    _, vstate = self.value.prefill(ids, pmask)
+                    cost["value_tokens"] += int(pmask.sum())
+            # sample one block of B tokens for every branch
+            rows = len(active) * k
+            toks = torch.full((rows, b), self.pad, dtype=torch.long, device=dev)
+            tmask = torch.zeros((rows, b), dtype=torch.long, device=dev)
+            alive = torch.ones(rows, dtype=torch.bool, device=dev)
+            last_block = produced + b >= self.t
+            for s in range(b):
+                nxt = torch.where(alive, sample_tokens(logits, self.temperature, self.top_p, generator),
+                                  torch.full_like(alive, self.pad, dtype=torch.long))
+                toks[:, s], tmask[:, s] = nxt, alive.long()
+                alive = alive & ~torch.isin(nxt, self.stop)
+                cost["policy_tokens"] += rows
+                if not (last_block and s == b - 1):  # the logits after a block's last token seed the next block
+                    mask = torch.cat([mask, tmask[:, s : s + 1]], 1)
+                    cache, logits = self._policy_forward(nxt[:, None], mask, cache)
+                if not alive.any():
+                    toks, tmask = toks[:, : s + 1], tmask[:, : s + 1]
+                    break
+            # score the candidates, pick one per prompt
+            values = self._score(prompts, prompt_ids, responses, active, toks, tmask, vstate, cost)
+            if isinstance(values, tuple):
+                values, vstate = values
+            chosen, info = rule(values, generator)
+            chosen = chosen.to(dev)
+            winners = torch.arange(len(active), device=dev) * k + chosen
+            keep = []
+            for j, p in enumerate(active):
+                w = int(winners[j])
+                new = toks[w][tmask[w].bool()].tolist()
+                responses[p] += new
+                last_values[p] = values[j, int(chosen[j])].tolist()
+                traces[p].append({"block": len(traces[p]), "values": values[j].tolist(), "chosen": int(chosen[j]),
+                                  **info[j]})
+                if not bool(alive[w]):
+                    finished[p] = True
+                else:
+                    keep.append(j)
+            produced += toks.shape[1]
+            active = [active[j] for j in keep]
+            if active and self.reuse_cache:  # copy each surviving winner's caches into its K slots
+                keep_t = torch.tensor(keep, device=dev, dtype=torch.long)
+                rows_next = winners[keep_t].repeat_interleave(k)
+                cache.batch_select_indices(rows_next)
+                logits, mask = logits[rows_next], mask[rows_next]
+                if vstate is not None:
+                    vstate = vstate.select(winners[keep_t])
+        seconds = time.perf_counter() - t0
+        outs = []
+        for p in range(n):
+            ids = [t for t in responses[p] if t not in set(self.stop.tolist())]
+            outs.append(Decoded(prompts[p], self.tok.decode(ids, skip_special_tokens=True).strip(), ids, finished[p],
+                                last_values[p], traces[p], {**{c: v / n for c, v in cost.items()},
+                                                            "seconds": seconds / n, "batch_prompts": n}))
+        return outs
+
+    def _policy_forward(self, ids, mask, cache):
+        from transformers import DynamicCache
+
+        out = self.policy(input_ids=ids, attention_mask=mask, position_ids=positions(mask)[:, -ids.shape[1]:],
+                          past_key_values=cache if cache is not None else DynamicCache(config=self.policy.config),
+                          use_cache=True)
+        return out.past_key_values, out.logits[:, -1]
+
+    def _score(self, prompts, prompt_ids, responses, active, toks, tmask, vstate, cost):
+        """Values [n, K, G] of the K extended prefixes per active prompt (and the extended value state)."""
+        n, k, b = len(active), self.k, toks.shape[1]
+        if self.shared and self.reuse_cache:
+            cost["value_tokens"] += n * k * b
+            return self.value.score_blocks(vstate, toks.view(n, k, b), tmask.view(n, k, b))
+        seqs = [responses[p] + toks[j * k + c][tmask[j * k + c].bool()].tolist() for j, p in enumerate(active)
+                for c in range(k)]
+        if self.value is None and self.rewards is None:  # K = 1: nothing to choose
+            return torch.zeros(n, k, 0, device=toks.device)
+        if self.value is None:  # reward functions on the decoded text, normalised like the value targets
+            texts = [self.tok.decode([t for t in s if t not in set(self.stop.tolist())], skip_special_tokens=True).strip()
+                     for s in seqs]
+            return self.rewards.score([prompts[p] for p in active for _ in range(k)], texts,
+                                      normalize=True).to(toks.device).view(n, k, -1).float()
+        if self.shared:  # naive: the whole prefix again
+            full = [prompt_ids[p] + s for p, s in zip([p for p in active for _ in range(k)], seqs)]
+        else:  # the value model reads its own tokens: re-tokenise the text
+            full = self._value_tokens([prompts[p] for p in active for _ in range(k)], seqs)
+        ids, mask = _left_pad(full, self.vtok.pad_token_id if self.vtok is not None and self.vtok.pad_token_id
+                              is not None else self.pad, self.value.head.weight.device)
+        cost["value_tokens"] += int(mask.sum())
+        values, _ = self.value(ids, mask)
+        return values[:, -1].view(n, k, -1)
+
+    def _value_tokens(self, prompts, seqs):
+        from mocd_train.values import value_text
+
+        meta, out = self.value.meta, []
+        for prompt, s in zip(prompts, seqs):
+            ended = bool(s) and s[-1] in set(self.stop.tolist())
+            text = self.tok.decode([t for t in s if t not in set(self.stop.tolist())], skip_special_tokens=True)
+            ids = self.vtok(value_text(meta.prompt_format, self.vtok, prompt, meta.system_prompt)
+                            + (" " if meta.prompt_format == "hh" else "") + text, add_special_tokens=False)["input_ids"]
+            out.append(ids + ([self.vtok.eos_token_id] if ended and self.vtok.eos_token_id is not None else []))
+        return out
+
+
+def _left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from mocd_train.decoding.decoders import block_rule
+from mocd_train.decoding.engine import BlockEngine
+from mocd_train.models import load_causal_lm
+from mocd_train.rewards import Normalizer
+from mocd_train.values import BackboneSpec, build_value_model
+
+PROMPTS = ["How do I bake bread?", "What is the capital of France?", "Tell me a joke about cats.", "hi",
+           "The quick brown fox"]
+
+
+def eos_prone(path, boost=3.5):
+    """The tiny policy, with its EOS logit raised (P ≈ 8 % a step) so that some branches end inside a block."""
+    policy, tok = load_causal_lm(path, torch.device("cpu"))
+
+    def raise_eos(module, inputs, logits):
+        logits[..., tok.eos_token_id] += boost
+        return logits
+
+    policy.get_output_embeddings().register_forward_hook(raise_eos)
+    return policy, tok
+
+
+def value_for(path, tok, init_from="causal_lm", seed=0):
+    torch.manual_seed(seed)
+    norm = Normalizer(["a", "b"], [0.0, 0.0], [1.0, 1.0])
+    model, vtok = build_value_model(BackboneSpec(path, init_from), ["a", "b"], norm, tok, None)
+    torch.nn.init.normal_(model.head.weight)
+    return model.eval(), vtok
+
+
+def decode(policy, tok, value, vtok, reuse, decoder="rmod", seed=0, **kw):
+    args = dict(num_candidates=3, block_size=4, max_new_tokens=20, batch_size=3) | kw
+    engine = BlockEngine(policy, tok, value, vtok, reuse_cache=reuse, **args)
+    rule = block_rule(decoder, 2, rmod_lambda=5.0, selection="sample")
+    return engine.generate(PROMPTS, rule, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_cached_engine_yields_the_tokens_of_the_naive_reencoding_loop(kind, tiny_lm, tiny_gpt2_lm):
+    path = tiny_lm if kind == "llama" else tiny_gpt2_lm
+    policy, tok = eos_prone(path)
+    value, vtok = value_for(path, tok)
+    fast, naive = decode(policy, tok, value, vtok, True), decode(policy, tok, value, vtok, False)
+    assert any(d.finished for d in fast) and not all(d.finished for d in fast)  # EOS inside blocks, and not
+    for a, b in zip(fast, naive):
+        assert a.token_ids == b.token_ids and a.finished == b.finished
+        assert [t["chosen"] for t in a.trace] == [t["chosen"] for t in b.trace]
+        for ta, tb in zip(a.trace, b.trace):
+            torch.testing.assert_close(torch.tensor(ta["values"]), torch.tensor(tb["values"]), atol=1e-4, rtol=0)
+    assert fast[0].cost["value_tokens"] < naive[0].cost["value_tokens"]
+    # finished prompts leave the batch: fewer policy tokens than K·T per prompt
+    assert sum(d.cost["policy_tokens"] for d in fast) < len(PROMPTS) * 3 * 20
+
+
+def test_block_values_match_the_value_model_on_the_kept_response(tiny_lm):
+    from mocd_train.data import chat_texts
+
+    policy, tok = eos_prone(tiny_lm, boost=0.0)
+    value, vtok = value_for(tiny_lm, tok)
+    out = decode(policy, tok, value, vtok, True, decoder="cd_uniform")
+    for d in out:
+        ids = tok(chat_texts(tok, [d.prompt])[0], add_special_tokens=False)["input_ids"] + d.token_ids
+        ids = torch.tensor([ids + ([tok.eos_token_id] if d.finished else [])])
+        direct, _ = value(ids, torch.ones_like(ids))
+        torch.testing.assert_close(torch.tensor(d.values), direct[0, -1], atol=1e-4, rtol=0)
+        assert len(d.trace) == -(-len(d.token_ids + [0] * d.finished) // 4)  # one entry per block decoded
+
+
+def test_value_model_with_another_tokenizer_reads_retokenised_text(tiny_lm, tmp_path):
+    from mocd_train.tiny import tiny_llama
+    from mocd_train.values import value_text
+
+    other = str(tiny_llama(tmp_path / "other", vocab_size=300, seed=3))
+    policy, tok = eos_prone(tiny_lm, boost=0.0)
+    value, vtok = value_for(other, tok)
+    assert not value.meta.shares_policy_tokenizer
+    out = decode(policy, tok, value, vtok, True, max_new_tokens=8)
+    for d in out:
+        text = value_text(value.meta.prompt_format, vtok, d.prompt) + tok.decode(d.token_ids, skip_special_tokens=True)
+        ids = torch.tensor([vtok(text, add_special_tokens=False)["input_ids"]])
+        direct, _ = value(ids, torch.ones_like(ids))
+        torch.testing.assert_close(torch.tensor(d.values), direct[0, -1], atol=1e-4, rtol=0)
+
+
+def test_value_model_for_another_policys_tokens_is_refused(tiny_lm, tmp_path):
+    from mocd_train.tiny import tiny_llama
+
+    other = str(tiny_llama(tmp_path / "other", vocab_size=300, seed=3))
+    policy, tok = load_causal_lm(tiny_lm, torch.device("cpu"))
+    other_policy, other_tok = load_causal_lm(other, torch.device("cpu"))
+    value, vtok = value_for(other, other_tok)  # trained to read the other policy's ids
+    with pytest.raises(ValueError, match="another policy's token ids"):
+        BlockEngine(policy, tok, value, vtok)
+    with pytest.raises(ValueError, match="tokenizer"):
+        BlockEngine(policy, tok, value, None)
+
+
+def test_best_of_k_by_reward_functions_keeps_the_best_candidate(tiny_lm):
+    from mocd_train.rewards import RewardSet
+
+    policy, tok = eos_prone(tiny_lm, boost=0.0)
+    scorer = RewardSet.from_config(["readability", "non_toxicity"])
+    scorer.normalizer = Normalizer(["readability", "non_toxicity"], [50.0, 0.5], [20.0, 0.2])
+    engine = BlockEngine(policy, tok, reward_set=scorer, num_candidates=4, block_size=10, max_new_tokens=10)
+    out = engine.generate(PROMPTS[:3], block_rule("best_of_k", 2), torch.Generator().manual_seed(0))
+    for d in out:
+        (block,) = d.trace
+        totals = torch.tensor(block["values"]).sum(-1)
+        assert block["chosen"] == int(totals.argmax())
+        raw = scorer.score([d.prompt], [d.text], normalize=True)[0]
+        torch.testing.assert_close(raw.float(), torch.tensor(d.values), atol=1e-4, rtol=0)
