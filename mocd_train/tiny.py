@@ -70,6 +70,24 @@ def tiny_gpt2_lm(path: str | Path, seed: int = 0) -> Path:
     return Path(path)
 
 
+def tiny_gemma2(path: str | Path, seed: int = 0, sliding_window: int = 8) -> Path:
+    """A 2-layer Gemma-2 (one sliding-window layer, logit soft-capping) with the ChatML tokenizer."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=sliding_window,
+                          max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                          bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = Gemma2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
 def tiny_gpt2_reward_model(path: str | Path, num_labels: int = 2, seed: int = 0) -> Path:
     """A GPT-2 sequence classifier with `num_labels` heads and no pad token (as GPT-2 RMs ship)."""
     import torch

@@ -91,7 +91,8 @@ def main(argv=None):
                    "heldout_sequences": len(heldout), "train_loss": result.training_loss,
                    "train_seconds": result.metrics["train_runtime"],
                    "train_tokens_per_second": tokens / max(result.metrics["train_runtime"], 1e-9),
-                   "resumed_from": last}
+                   "resumed_from": last, "processes": state.num_processes,
+                   "deepspeed": bool(trainer.is_deepspeed_enabled)}
         mark_complete(out, summary)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # resume points only; the model is saved
         print(f"value model: {len(train)} training / {len(heldout)} held-out sequences, "

@@ -38,9 +38,11 @@ def decode(policy, tok, value, vtok, reuse, decoder="rmod", seed=0, **kw):
     return engine.generate(PROMPTS, rule, torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_cached_engine_yields_the_tokens_of_the_naive_reencoding_loop(kind, tiny_lm, tiny_gpt2_lm):
-    path = tiny_lm if kind == "llama" else tiny_gpt2_lm
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma2"])
+def test_cached_engine_yields_the_tokens_of_the_naive_reencoding_loop(kind, tiny_lm, tiny_gpt2_lm, tmp_path):
+    from mocd_train.tiny import tiny_gemma2
+
+    path = {"llama": tiny_lm, "gpt2": tiny_gpt2_lm}.get(kind) or str(tiny_gemma2(tmp_path / "gemma2"))
     policy, tok = eos_prone(path)
     value, vtok = value_for(path, tok)
     fast, naive = decode(policy, tok, value, vtok, True), decode(policy, tok, value, vtok, False)

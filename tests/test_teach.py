@@ -96,3 +96,24 @@ def test_map_d_teacher_from_a_solved_palette(run_dir, tiny_lm):
     out = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "map_d", "--palette", "p"))
     ds = load_from_disk(str(out / "dataset"))
     assert len(ds) == 6 and len(json.loads(ds[0]["trace"])[0]["candidate_rewards"]) == 3
+
+
+@pytest.mark.slow
+def test_two_process_launch_decodes_every_prompt_once_as_one_process_does(run_dir, tiny_lm):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    args = teach_args(run_dir, tiny_lm, "--decoder", "rmod", "--name", "two")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "accelerate_configs" / "cpu.yaml"), "--num_processes", "2", str(root / "recipes" / "teach.py"),
+           *args]
+    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shards = [json.loads(f.read_text()) for f in (run_dir / "teach" / "two" / "shards").glob("chunk-*.json")]
+    assert {(s["rank"], s["world_size"]) for s in shards} == {(0, 2), (1, 2)}
+    one = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "rmod", "--name", "one"))
+    assert rows(run_dir / "teach" / "two") == rows(one)

@@ -175,3 +175,25 @@ def test_value_examples_mask_only_the_response(tiny_lm, tmp_path):
         row = next(r for r in rows if list(r["response_ids"]) == ex["input_ids"][ex["response_start"]:][
             : len(r["response_ids"])] and r["prompt"] in tok.decode(ex["input_ids"][: ex["response_start"]]))
         assert int(batch["response_mask"][i].sum()) == len(row["response_ids"]) + int(row["finished"])
+
+
+@pytest.mark.slow
+def test_trains_under_deepspeed_zero2_launch(tiny_lm, tmp_path):
+    """accelerate launch with the ZeRO-2 config on CPU (DS_ACCELERATOR=cpu); the JIT-built op is cached."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=16)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mocd_ds"))}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "accelerate_configs" / "deepspeed_zero2.yaml"), "--num_processes", "1", "--mixed_precision", "no",
+           str(root / "recipes" / "train_value.py"), *train_args(tmp_path, tiny_lm, "--num_train_epochs", "1")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "value" / "DONE.json").read_text())
+    assert summary["deepspeed"] is True
+    ValueModel.load(tmp_path / "value" / "model", objectives=OBJECTIVES)

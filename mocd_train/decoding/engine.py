@@ -66,6 +66,7 @@ class BlockEngine:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
         # ignore_eos (benchmarks): every branch runs the full T tokens, as generate(min_new_tokens=T) does
         self.stop = torch.tensor([] if ignore_eos else stop, dtype=torch.long, device=policy.device)
+        self.stop_set = set(self.stop.tolist())
         self.shared = value_model is not None and value_model.meta.shares_policy_tokenizer
         if value_model is not None:
             from mocd_train.values import same_tokenizer
@@ -161,7 +162,7 @@ class BlockEngine:
         seconds = time.perf_counter() - t0
         outs = []
         for p in range(n):
-            ids = [t for t in responses[p] if t not in set(self.stop.tolist())]
+            ids = [t for t in responses[p] if t not in self.stop_set]
             outs.append(Decoded(prompts[p], self.tok.decode(ids, skip_special_tokens=True).strip(), ids, finished[p],
                                 last_values[p], traces[p], {**{c: v / n for c, v in cost.items()},
                                                             "seconds": seconds / n, "batch_prompts": n}))
@@ -186,7 +187,7 @@ class BlockEngine:
         if self.value is None and self.rewards is None:  # K = 1: nothing to choose
             return torch.zeros(n, k, 0, device=toks.device)
         if self.value is None:  # reward functions on the decoded text, normalised like the value targets
-            texts = [self.tok.decode([t for t in s if t not in set(self.stop.tolist())], skip_special_tokens=True).strip()
+            texts = [self.tok.decode([t for t in s if t not in self.stop_set], skip_special_tokens=True).strip()
                      for s in seqs]
             return self.rewards.score([prompts[p] for p in active for _ in range(k)], texts,
                                       normalize=True).to(toks.device).view(n, k, -1).float()
@@ -205,8 +206,8 @@ class BlockEngine:
 
         meta, out = self.value.meta, []
         for prompt, s in zip(prompts, seqs):
-            ended = bool(s) and s[-1] in set(self.stop.tolist())
-            text = self.tok.decode([t for t in s if t not in set(self.stop.tolist())], skip_special_tokens=True)
+            ended = bool(s) and s[-1] in self.stop_set
+            text = self.tok.decode([t for t in s if t not in self.stop_set], skip_special_tokens=True)
             ids = self.vtok(value_text(meta.prompt_format, self.vtok, prompt, meta.system_prompt)
                             + (" " if meta.prompt_format == "hh" else "") + text, add_special_tokens=False)["input_ids"]
             out.append(ids + ([self.vtok.eos_token_id] if ended and self.vtok.eos_token_id is not None else []))
