@@ -35,6 +35,13 @@ def tiny_tokenizer(vocab_size: int = 384, chat_template: bool = True):
     return fast
 
 
+def _save_lm(model, tokenizer, path: str | Path) -> Path:
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
 def tiny_llama(path: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2, vocab_size: int = 384) -> Path:
     """A 2-layer Llama with a ChatML tokenizer saved to `path` (loadable by name like any checkpoint)."""
     import torch
@@ -47,10 +54,7 @@ def tiny_llama(path: str | Path, seed: int = 0, hidden: int = 32, layers: int = 
                          max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return Path(path)
+    return _save_lm(model, tokenizer, path)
 
 
 def tiny_gpt2_lm(path: str | Path, seed: int = 0) -> Path:
@@ -64,10 +68,7 @@ def tiny_gpt2_lm(path: str | Path, seed: int = 0) -> Path:
                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     model = GPT2LMHeadModel(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return Path(path)
+    return _save_lm(model, tokenizer, path)
 
 
 def tiny_gemma2(path: str | Path, seed: int = 0, sliding_window: int = 8) -> Path:
@@ -82,10 +83,7 @@ def tiny_gemma2(path: str | Path, seed: int = 0, sliding_window: int = 8) -> Pat
                           max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
                           bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
     model = Gemma2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return Path(path)
+    return _save_lm(model, tokenizer, path)
 
 
 def tiny_gpt2_reward_model(path: str | Path, num_labels: int = 2, seed: int = 0) -> Path:
