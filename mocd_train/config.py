@@ -198,8 +198,54 @@ class TeachConfig(CommonConfig):
     overwrite: bool = field(default=False, metadata=_help("Delete teach/<name> and start over."))
 
 
+DIVERGENCES = {"reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "js": "js_divergence",
+               "alpha": "alpha_divergence"}  # ours → TRL's f_divergence_type
+F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+
+
+@dataclass
+class PolicyConfig(CommonConfig):
+    """A policy trained with TRL for one objective or fixed weights (stage `policies`, ALGORITHMS.md §4–6)."""
+
+    method: Literal["sft", "dpo", "grpo"] = field(default="dpo", metadata=_help("Training method."))
+    objective: str | None = field(default=None, metadata=_help("Train for this one objective..."))
+    weights: dict | None = field(
+        default=None, metadata=_help("...or for fixed weights {objective: w} on the normalised rewards (MO-DPO/GRPO)."))
+    divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] = field(
+        default="reverse_kl", metadata=_help("DPO's f-divergence regulariser (f-DPO); MOD combines policies by it."))
+    alpha: float = field(default=0.5, metadata=_help("α of the α-divergence (divergence: alpha), in (0, 1)."))
+    beta: float = field(default=0.1, metadata=_help("KL coefficient β (DPO; GRPO's KL term)."))
+    loss_type: str = field(default="sigmoid", metadata=_help("TRL DPO loss type."))
+    pair_margin: float = field(
+        default=0.0, metadata=_help("DPO pairs: skip prompts whose best and worst response differ by ≤ this "
+                                    "(normalised weighted reward)."))
+    sft_dataset: str | None = field(
+        default=None, metadata=_help("SFT: a teacher name under <run_dir>/teach, or a dataset folder with "
+                                     "prompt/response columns."))
+    name: str | None = field(default=None, metadata=_help("Output folder policies/<name> (default from the method)."))
+    use_lora: bool = field(default=True, metadata=_help("Train LoRA adapters (else the full model)."))
+    lora_r: int = field(default=16, metadata=_help("LoRA rank."))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha."))
+    lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout."))
+    lora_target_modules: list[str] | str = field(default="all-linear", metadata=_help("LoRA target modules."))
+    merge: bool = field(default=False, metadata=_help("Also save the adapter merged into a full checkpoint."))
+    learning_rate: float = field(default=5e-5, metadata=_help("Peak learning rate."))
+    num_train_epochs: float = field(default=1.0, metadata=_help("Passes over the training data."))
+    max_steps: int = field(default=-1, metadata=_help("Stop after this many optimiser steps (-1: use epochs)."))
+    per_device_train_batch_size: int = field(default=8, metadata=_help("Examples per step per process."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Steps per optimiser update."))
+    max_length: int = field(default=256, metadata=_help("Prompt + response tokens kept."))
+    num_generations: int = field(default=4, metadata=_help("GRPO: completions per prompt (group size)."))
+    max_completion_length: int = field(default=48, metadata=_help("GRPO: completion length cap."))
+    max_prompts: int | None = field(default=None, metadata=_help("GRPO: at most this many train prompts."))
+    logging_steps: int = field(default=10, metadata=_help("Log every N steps."))
+    save_steps: int = field(default=50, metadata=_help("Checkpoint every N steps (resume point)."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for memory."))
+    overwrite: bool = field(default=False, metadata=_help("Delete policies/<name> and start over."))
+
+
 STAGES: dict[str, type[CommonConfig]] = {"rollouts": RolloutsConfig, "value": ValueConfig, "palette": PaletteConfig,
-                                         "teach": TeachConfig}
+                                         "teach": TeachConfig, "policies": PolicyConfig}
 
 # Keys whose change does not alter a stage's outputs: a resumed run may use different values.
 RESUME_FREE_KEYS = {"report_to", "device", "cache_dir", "score_batch_size", "overwrite", "eval_batch_size",
@@ -375,8 +421,44 @@ def _check_teach(cfg: TeachConfig) -> None:
         raise ConfigError("temperature must be > 0 and top_p in (0, 1].")
 
 
+def _check_policy(cfg: PolicyConfig) -> None:
+    from mocd_train.rewards import parse_objectives
+
+    names = [o.name for o in parse_objectives(cfg.objectives)]
+    _positive(cfg, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
+              "num_generations", "max_completion_length", "logging_steps", "save_steps")
+    if cfg.method == "sft":
+        if not cfg.sft_dataset:
+            raise ConfigError("sft_dataset: SFT needs (prompt, response) data: a teacher name or a dataset folder.")
+    else:
+        if (cfg.objective is None) == (cfg.weights is None):
+            raise ConfigError(f"{cfg.method} trains for one `objective` or for `weights` — give exactly one "
+                              f"(objectives: {names}).")
+        if cfg.objective is not None and cfg.objective not in names:
+            raise _unknown_key(cfg.objective, names, "objective")
+        for key, w in (cfg.weights or {}).items():
+            if key not in names:
+                raise _unknown_key(key, names, "weights")
+            if isinstance(w, bool) or not isinstance(w, (int, float)):
+                raise ConfigError(f"weights.{key}: {w!r} is not a number.")
+    if cfg.method == "dpo":
+        if cfg.divergence != "reverse_kl" and cfg.loss_type not in F_DIVERGENCE_LOSSES:
+            raise ConfigError(f"divergence {cfg.divergence!r} needs a loss built on the chosen-rejected reward "
+                              f"difference ({', '.join(sorted(F_DIVERGENCE_LOSSES))}), not loss_type "
+                              f"{cfg.loss_type!r}.")
+        if cfg.divergence == "alpha" and not 0 < cfg.alpha < 1:
+            raise ConfigError(f"alpha: {cfg.alpha} must lie in (0, 1).")
+    elif cfg.divergence != "reverse_kl":
+        raise ConfigError(f"divergence: {cfg.method} regularises with reverse KL only; f-divergences are for DPO.")
+    if cfg.method == "grpo" and cfg.per_device_train_batch_size % cfg.num_generations:
+        raise ConfigError(f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) must be a multiple of "
+                          f"num_generations ({cfg.num_generations}).")
+    if cfg.beta < 0:
+        raise ConfigError("beta: must be ≥ 0.")
+
+
 _CHECKS = {RolloutsConfig: _check_rollouts, ValueConfig: _check_value, PaletteConfig: _check_palette,
-           TeachConfig: _check_teach}
+           TeachConfig: _check_teach, PolicyConfig: _check_policy}
 
 
 def _fraction(cfg: Any, key: str) -> None:

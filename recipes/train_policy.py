@@ -1,0 +1,106 @@
+"""Stage `policies`: one policy trained by TRL — DPO / f-DPO on preference pairs from the rollouts, GRPO on the reward
+functions, or SFT on (prompt, response) data — for one objective or fixed weights, LoRA by default.
+
+    python recipes/train_policy.py --config recipes/smollm2-mini-hh/pipeline.yaml --method dpo --objective helpfulness
+    python recipes/train_policy.py --config ... --method dpo --divergence js --objective harmlessness
+    accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/train_policy.py --config ...
+
+Writes <run_dir>/policies/<name>/adapter (+ merged/ with --merge true); resumes from its last checkpoint.
+"""
+
+import shutil
+
+import yaml
+
+from mocd_train.assets import load_prompts
+from mocd_train.cli import run_stage
+from mocd_train.config import ConfigError, load_config
+from mocd_train.data import load_rollouts
+from mocd_train.models import load_causal_lm, process_state, resolve_device
+from mocd_train.policies import (dpo_trainer, grpo_trainer, objective_weights, preference_pairs, save_policy,
+                                 sft_examples, sft_trainer)
+from mocd_train.rewards import RewardSet, parse_objectives
+from mocd_train.rundir import is_complete, mark_complete, prepare_stage, stage_dir
+from mocd_train.values import check_objectives
+
+
+def default_name(cfg) -> str:
+    """helpfulness-dpo, harmlessness-dpo-js, weighted-helpfulness0.5-harmlessness0.5-grpo, sft."""
+    if cfg.method == "sft":
+        return "sft"
+    target = cfg.objective or "weighted-" + "-".join(f"{k}{v:g}" for k, v in cfg.weights.items())
+    suffix = f"-{cfg.divergence}" if cfg.divergence != "reverse_kl" else ""
+    return f"{target}-{cfg.method}{suffix}"
+
+
+def main(argv=None):
+    # parse
+    cfg = load_config("policies", argv)
+    names = [s.name for s in parse_objectives(cfg.objectives)]
+    name = cfg.name or default_name(cfg)
+    state = process_state(cfg.device)
+    out = prepare_stage(cfg, f"policies/{name}", cfg.overwrite, state.is_main_process)
+    state.wait_for_everyone()
+    if is_complete(out):
+        print(f"policy {name} already complete: {out}")
+        return out
+
+    # load
+    rollouts, normalizer = load_rollouts(cfg.run_dir)
+    check_objectives(names, normalizer.objectives, f"the rollouts in {cfg.run_dir}", "Use their objectives.")
+    ro = yaml.safe_load((stage_dir(cfg.run_dir, "rollouts") / "config.yaml").read_text())
+    device = resolve_device(cfg.device, state.device)
+    policy, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype, cfg.cache_dir)
+
+    # build the data and the TRL trainer
+    stats = {}
+    if cfg.method == "dpo":
+        pairs, stats = preference_pairs(rollouts, names, normalizer, objective_weights(cfg, names), cfg.pair_margin,
+                                        ro.get("system_prompt"))
+        trainer = dpo_trainer(cfg, policy, tokenizer, pairs, out)
+    elif cfg.method == "sft":
+        trainer = sft_trainer(cfg, policy, tokenizer, sft_examples(_sft_rows(cfg), ro.get("system_prompt")), out)
+    else:
+        prompts = load_prompts(ro["prompt_sources"], "train", ro["heldout_fraction"], cfg.max_prompts,
+                               ro["prompts_file"])
+        rewards = RewardSet.from_config(cfg.objectives, device, cfg.cache_dir)
+        trainer = grpo_trainer(cfg, policy, tokenizer, [p.text for p in prompts], rewards, normalizer, names,
+                               objective_weights(cfg, names), out, ro.get("system_prompt"))
+
+    # train: from the last checkpoint if there is one
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt = out / "checkpoints"
+    last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    result = trainer.train(resume_from_checkpoint=last)
+
+    # save + log
+    if state.is_main_process:
+        saved = save_policy(trainer, tokenizer, out, cfg.merge)
+        logs = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
+        summary = {"policy": name, "method": cfg.method, "objective": cfg.objective, "weights": cfg.weights,
+                   "divergence": cfg.divergence, **saved, **stats, "train_seconds": result.metrics["train_runtime"],
+                   "train_loss": result.training_loss, "steps": trainer.state.global_step, "resumed_from": last,
+                   "losses": [h["loss"] for h in logs if "loss" in h], "last_logs": logs[-3:]}
+        mark_complete(out, summary)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        print(f"policy {name}: {trainer.state.global_step} steps in {summary['train_seconds']:.0f} s → {out}")
+    state.wait_for_everyone()
+    return out
+
+
+def _sft_rows(cfg):
+    from pathlib import Path
+
+    from datasets import load_from_disk
+
+    path = stage_dir(cfg.run_dir, "teach") / cfg.sft_dataset / "dataset"
+    path = path if path.is_dir() else Path(cfg.sft_dataset)
+    if not path.is_dir():
+        raise ConfigError(f"sft_dataset: {cfg.sft_dataset!r} is neither a teacher under {stage_dir(cfg.run_dir, 'teach')}"
+                          " nor a dataset folder.")
+    return list(load_from_disk(str(path)))
+
+
+if __name__ == "__main__":
+    run_stage(main)
