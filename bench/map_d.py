@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from mocd_train.assets import load_prompts  # noqa: E402
+from mocd_train.data import rollouts_config  # noqa: E402
 from mocd_train.decoding.map_d import MapD, load_palette  # noqa: E402
 from mocd_train.models import load_causal_lm, resolve_device  # noqa: E402
 from mocd_train.rewards import RewardSet  # noqa: E402
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    ro = yaml.safe_load((stage_dir(args.run_dir, "rollouts") / "config.yaml").read_text())
+    ro = rollouts_config(args.run_dir)
     names = [o if isinstance(o, str) else o["name"] for o in ro["objectives"]]
     path = Path(args.palette) if args.palette.endswith(".json") else stage_dir(args.run_dir, "palette") / f"{args.palette}.json"
     palette = load_palette(path, names)

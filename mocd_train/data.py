@@ -169,6 +169,18 @@ def merge_rollouts(prompts: list[Prompt], shard_dir: Path, out_dir: Path, object
     }
 
 
+def rollouts_config(run_dir: str | Path) -> dict:
+    """The saved config of a run's rollouts: its prompt sets, split and system prompt are what later stages reuse."""
+    import yaml
+
+    from mocd_train.rundir import stage_dir
+
+    path = stage_dir(run_dir, "rollouts") / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no rollouts in {path.parent}; run recipes/rollouts.py with run_dir {run_dir} first.")
+    return yaml.safe_load(path.read_text()) or {}
+
+
 def load_rollouts(run_dir: str | Path):
     """(dataset, normalizer) of a completed rollouts stage."""
     from datasets import load_from_disk

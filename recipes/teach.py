@@ -13,12 +13,11 @@ import json
 import time
 
 import torch
-import yaml
 
 from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
 from mocd_train.config import load_config
-from mocd_train.data import chunk_seed, read_chunks, run_chunks, save_dataset
+from mocd_train.data import chunk_seed, read_chunks, rollouts_config, run_chunks, save_dataset
 from mocd_train.decoding.decoders import make_decoder
 from mocd_train.models import load_causal_lm, process_state, resolve_device
 from mocd_train.rewards import Normalizer, RewardSet, parse_objectives
@@ -40,7 +39,7 @@ def main(argv=None):
 
     # load: the prompts and normalisation of this run's rollouts, the policy, the scorers
     rollouts_dir = stage_dir(cfg.run_dir, "rollouts")
-    ro = yaml.safe_load((rollouts_dir / "config.yaml").read_text())
+    ro = rollouts_config(cfg.run_dir)
     names = [s.name for s in parse_objectives(cfg.objectives)]
     normalizer = Normalizer.load(rollouts_dir / "normalization.json")
     check_objectives(names, normalizer.objectives, f"the rollouts in {cfg.run_dir}", "Use their objectives.")

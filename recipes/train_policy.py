@@ -10,12 +10,10 @@ Writes <run_dir>/policies/<name>/adapter (+ merged/ with --merge true); resumes 
 
 import shutil
 
-import yaml
-
 from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
 from mocd_train.config import ConfigError, load_config
-from mocd_train.data import load_rollouts
+from mocd_train.data import load_rollouts, rollouts_config
 from mocd_train.models import load_causal_lm, process_state, resolve_device
 from mocd_train.policies import (dpo_trainer, grpo_trainer, objective_weights, preference_pairs, save_policy,
                                  sft_examples, sft_trainer)
@@ -48,7 +46,7 @@ def main(argv=None):
     # load
     rollouts, normalizer = load_rollouts(cfg.run_dir)
     check_objectives(names, normalizer.objectives, f"the rollouts in {cfg.run_dir}", "Use their objectives.")
-    ro = yaml.safe_load((stage_dir(cfg.run_dir, "rollouts") / "config.yaml").read_text())
+    ro = rollouts_config(cfg.run_dir)
     device = resolve_device(cfg.device, state.device)
     policy, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype, cfg.cache_dir)
 

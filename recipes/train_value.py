@@ -11,12 +11,11 @@ import shutil
 from functools import partial
 from pathlib import Path
 
-import yaml
 
 from mocd_train.assets import resolve_model
 from mocd_train.cli import run_stage
 from mocd_train.config import ConfigError, load_config
-from mocd_train.data import load_rollouts
+from mocd_train.data import load_rollouts, rollouts_config
 from mocd_train.models import load_tokenizer, process_state
 from mocd_train.rewards import parse_objectives
 from mocd_train.rundir import (
@@ -24,7 +23,6 @@ from mocd_train.rundir import (
     is_complete,
     mark_complete,
     prepare_stage,
-    stage_dir,
 )
 from mocd_train.tracking import trainer_report_to
 from mocd_train.values import (
@@ -51,7 +49,7 @@ def main(argv=None):
 
     # load: the rollouts of this run's π_ref, scored with these objectives
     rollouts, normalizer = load_rollouts(cfg.run_dir)
-    rollouts_cfg = yaml.safe_load((stage_dir(cfg.run_dir, "rollouts") / "config.yaml").read_text())
+    rollouts_cfg = rollouts_config(cfg.run_dir)
     names = [s.name for s in parse_objectives(cfg.objectives)]
     check_objectives(names, normalizer.objectives, f"the rollouts in {cfg.run_dir}",
                      "Use the objectives they were scored with, or re-run rollouts with these in another run_dir.")

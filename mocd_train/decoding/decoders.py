@@ -159,9 +159,6 @@ def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> D
 
 def _system_prompt(cfg) -> str | None:
     """The system prompt π_ref's rollouts used (the value model learned on that formatting)."""
-    import yaml
+    from mocd_train.data import rollouts_config
 
-    from mocd_train.rundir import stage_dir
-
-    path = stage_dir(cfg.run_dir, "rollouts") / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}).get("system_prompt") if path.is_file() else None
+    return rollouts_config(cfg.run_dir).get("system_prompt")
