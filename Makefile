@@ -28,9 +28,7 @@ setup: $(VENV)/.installed
 PIPELINE ?= recipes/smollm2-mini-hh/pipeline.yaml
 
 run: setup
-	$(BIN)/python recipes/rollouts.py --config $(PIPELINE) --run_dir $(RUN)
-	$(BIN)/python recipes/train_value.py --config $(PIPELINE) --run_dir $(RUN)
-	$(BIN)/python recipes/solve_palette.py --config $(PIPELINE) --run_dir $(RUN)
+	$(BIN)/python recipes/pipeline.py --config $(PIPELINE) --run_dir $(RUN)
 
 test: setup
 	$(BIN)/python -m pytest -q -ra tests

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from mocd_train.assets import load_prompts  # noqa: E402
 from mocd_train.data import rollouts_config  # noqa: E402
-from mocd_train.decoding.map_d import MapD, load_palette  # noqa: E402
+from mocd_train.decoding.map_d import MapD  # noqa: E402
+from mocd_train.palette import load_palette  # noqa: E402
 from mocd_train.models import load_causal_lm, resolve_device  # noqa: E402
 from mocd_train.rewards import RewardSet  # noqa: E402
 from mocd_train.rundir import stage_dir  # noqa: E402

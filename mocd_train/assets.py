@@ -237,9 +237,31 @@ def load_prompts(
     return out[:max_prompts] if max_prompts else out
 
 
+def _hh_first_turn(transcript: str) -> str:
+    """Anthropic HH transcripts ("\n\nHuman: ...\n\nAssistant: ...") → the first human turn."""
+    return transcript.split("Human:", 1)[-1].split("\n\nAssistant:", 1)[0].strip()
+
+
+def prompts_from_hub(spec: str) -> list[dict]:
+    """`hf:<dataset id or local dataset folder>[@split]` → rows with a 'prompt': the dataset's `prompt` column, or the
+    first human turn of HH-style `chosen` transcripts (Anthropic/hh-rlhf)."""
+    from datasets import load_dataset
+
+    name, _, split = spec.removeprefix("hf:").partition("@")
+    data = load_dataset(name, split=split or "train")
+    if "prompt" in data.column_names:
+        return [{"prompt": p, "source": name} for p in data["prompt"]]
+    if "chosen" in data.column_names:
+        return [{"prompt": _hh_first_turn(t), "source": name} for t in data["chosen"]]
+    raise ValueError(f"{spec}: the dataset has neither a 'prompt' column nor HH 'chosen' transcripts "
+                     f"(columns: {data.column_names}).")
+
+
 def prompts_from_file(path: str) -> list[Prompt]:
     p = Path(path)
-    if p.suffix == ".txt":
+    if path.startswith("hf:"):
+        rows = prompts_from_hub(path)
+    elif p.suffix == ".txt":
         rows = [{"prompt": line.strip()} for line in p.read_text().splitlines() if line.strip()]
     elif p.suffix == ".jsonl":
         rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from mocd_train.config import STAGES, ConfigError, build_config, read_yaml, stage_values
+from mocd_train.config import STAGES, ConfigError, build_config, pipeline_steps, read_yaml, stage_values
 
 
 def run_stage(main) -> None:
@@ -26,7 +26,7 @@ def _validate(path: str) -> None:
     from pathlib import Path
 
     data = read_yaml(path)
-    stages = [s for s in STAGES if s in data]
+    stages = [s for s in STAGES if isinstance(data.get(s), dict)]
     if not stages and Path(path).stem in STAGES:
         stages = [Path(path).stem]
     if stages:
@@ -42,7 +42,8 @@ def _validate(path: str) -> None:
                 errors[stage] = e
         if not stages:
             raise ConfigError(" / ".join(str(e) for e in errors.values()))
-    print(f"{path}: valid ({', '.join(stages)})")
+    steps = f"; pipeline of {len(pipeline_steps(data, path))} steps" if "pipeline" in data else ""
+    print(f"{path}: valid ({', '.join(stages)}{steps})")
 
 
 def main(argv: list[str] | None = None) -> None:

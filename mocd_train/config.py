@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -67,7 +68,8 @@ class RolloutsConfig(CommonConfig):
         metadata=_help("Packaged prompt sets to mix (see `mocd prompts`); ignored when prompts_file is set."),
     )
     prompts_file: str | None = field(
-        default=None, metadata=_help("A .jsonl/.json/.txt file of your own prompts (field 'prompt' per JSON line).")
+        default=None, metadata=_help("A .jsonl/.json/.txt file of your own prompts (field 'prompt' per JSON line), or "
+                                     "hf:<dataset>[@split] (a 'prompt' column or HH 'chosen' transcripts).")
     )
     split: Literal["train", "heldout"] = field(default="train", metadata=_help("Which deterministic split to roll out (applies to prompts_file too)."))
     heldout_fraction: float = field(default=0.2, metadata=_help("Share of prompts held out for evaluation."))
@@ -167,8 +169,9 @@ class PaletteConfig(CommonConfig):
 class TeachConfig(CommonConfig):
     """Decode prompts with a decoding-time teacher and write its outputs as a dataset (stage `teach`)."""
 
-    decoder: Literal["rmod", "cd_uniform", "cd_single", "cd_fixed", "cd_maximin", "best_of_k", "pi_ref", "map_d"] = (
-        field(default="rmod", metadata=_help("The teacher (ALGORITHMS.md §3, §6); see README 'Decoders'.")))
+    decoder: Literal["rmod", "cd_uniform", "cd_single", "cd_fixed", "cd_maximin", "best_of_k", "pi_ref", "map_d", "mod",
+                     "soup"] = field(default="rmod",
+                                     metadata=_help("The teacher (ALGORITHMS.md §3–6); see README 'Decoders'."))
     name: str | None = field(default=None, metadata=_help("Output folder teach/<name> (default: the decoder's name)."))
     rmod_lambda: float = field(
         default=1.0, metadata=_help("RMOD's scalar KL trade-off λ (not MAP's weights): large = robust to the worst "
@@ -181,7 +184,19 @@ class TeachConfig(CommonConfig):
     weights_method: Literal["exact", "paper"] = field(
         default="exact", metadata=_help("RMOD weights: exact solver, or the paper's 10-step update (comparison)."))
     objective: str | None = field(default=None, metadata=_help("cd_single: the objective to follow."))
-    weights: list[float] | None = field(default=None, metadata=_help("cd_fixed: one weight per objective."))
+    weights: list[float] | None = field(
+        default=None, metadata=_help("cd_fixed: one weight per objective; mod / soup: one per policy, summing to 1."))
+    policies: list[str] | None = field(
+        default=None, metadata=_help("mod / soup: the per-objective policies — names under <run_dir>/policies or "
+                                     "folders (LoRA adapters on one base run as one batched forward)."))
+    divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] = field(
+        default="reverse_kl", metadata=_help("mod: the f-divergence the policies were trained with (picks the rule)."))
+    alpha: float = field(default=0.5, metadata=_help("mod: α of the α-divergence rule, in (0, 1]."))
+    jsd_approximation: bool = field(
+        default=False, metadata=_help("mod, divergence js: decode with the reverse-KL rule instead (the MOD reference "
+                                      "code's substitute; an approximation)."))
+    greedy: bool = field(default=False, metadata=_help("mod / soup: argmax of the combined distribution."))
+    top_k: int = field(default=0, metadata=_help("mod / soup: sample within the top-k tokens (0: all)."))
     best_of_k_rule: Literal["uniform", "maximin", "rmod"] = field(
         default="uniform", metadata=_help("best_of_k: how the K full responses are compared."))
     score_with: Literal["value", "reward"] = field(
@@ -204,25 +219,9 @@ F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "r
 
 
 @dataclass
-class PolicyConfig(CommonConfig):
-    """A policy trained with TRL for one objective or fixed weights (stage `policies`, ALGORITHMS.md §4–6)."""
+class TrainingConfig(CommonConfig):
+    """Keys shared by the stages that fine-tune a model with TRL (policies, distill)."""
 
-    method: Literal["sft", "dpo", "grpo"] = field(default="dpo", metadata=_help("Training method."))
-    objective: str | None = field(default=None, metadata=_help("Train for this one objective..."))
-    weights: dict | None = field(
-        default=None, metadata=_help("...or for fixed weights {objective: w} on the normalised rewards (MO-DPO/GRPO)."))
-    divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] = field(
-        default="reverse_kl", metadata=_help("DPO's f-divergence regulariser (f-DPO); MOD combines policies by it."))
-    alpha: float = field(default=0.5, metadata=_help("α of the α-divergence (divergence: alpha), in (0, 1)."))
-    beta: float = field(default=0.1, metadata=_help("KL coefficient β (DPO; GRPO's KL term)."))
-    loss_type: str = field(default="sigmoid", metadata=_help("TRL DPO loss type."))
-    pair_margin: float = field(
-        default=0.0, metadata=_help("DPO pairs: skip prompts whose best and worst response differ by ≤ this "
-                                    "(normalised weighted reward)."))
-    sft_dataset: str | None = field(
-        default=None, metadata=_help("SFT: a teacher name under <run_dir>/teach, or a dataset folder with "
-                                     "prompt/response columns."))
-    name: str | None = field(default=None, metadata=_help("Output folder policies/<name> (default from the method)."))
     use_lora: bool = field(default=True, metadata=_help("Train LoRA adapters (else the full model)."))
     lora_r: int = field(default=16, metadata=_help("LoRA rank."))
     lora_alpha: int = field(default=32, metadata=_help("LoRA alpha."))
@@ -235,17 +234,80 @@ class PolicyConfig(CommonConfig):
     per_device_train_batch_size: int = field(default=8, metadata=_help("Examples per step per process."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Steps per optimiser update."))
     max_length: int = field(default=256, metadata=_help("Prompt + response tokens kept."))
-    num_generations: int = field(default=4, metadata=_help("GRPO: completions per prompt (group size)."))
-    max_completion_length: int = field(default=48, metadata=_help("GRPO: completion length cap."))
-    max_prompts: int | None = field(default=None, metadata=_help("GRPO: at most this many train prompts."))
     logging_steps: int = field(default=10, metadata=_help("Log every N steps."))
     save_steps: int = field(default=50, metadata=_help("Checkpoint every N steps (resume point)."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for memory."))
+
+
+@dataclass
+class PolicyConfig(TrainingConfig):
+    """A policy trained with TRL for one objective or fixed weights (stage `policies`, ALGORITHMS.md §4–6)."""
+
+    method: Literal["sft", "dpo", "grpo", "ppo"] = field(default="dpo", metadata=_help("Training method."))
+    objective: str | None = field(default=None, metadata=_help("Train for this one objective..."))
+    weights: dict | None = field(
+        default=None, metadata=_help("...or for fixed weights {objective: w} on the normalised rewards (MO-DPO, "
+                                     "MO-GRPO)..."))
+    palette: str | None = field(
+        default=None, metadata=_help("...or (GRPO/PPO) for a solved MAP palette (a name under <run_dir>/palette or a "
+                                     ".json): MAP-F, reward β·λᵀr on raw rewards, whose optimum is p_λ."))
+    divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] = field(
+        default="reverse_kl", metadata=_help("DPO's f-divergence regulariser (f-DPO); MOD combines policies by it."))
+    alpha: float = field(default=0.5, metadata=_help("α of the α-divergence (divergence: alpha), in (0, 1)."))
+    beta: float = field(default=0.1, metadata=_help("KL coefficient β (DPO; GRPO's KL term; PPO's kl_coef)."))
+    loss_type: str = field(default="sigmoid", metadata=_help("TRL DPO loss type."))
+    pair_margin: float = field(
+        default=0.0, metadata=_help("DPO pairs: skip prompts whose best and worst response differ by ≤ this "
+                                    "(normalised weighted reward)."))
+    sft_dataset: str | None = field(
+        default=None, metadata=_help("SFT: a teacher name under <run_dir>/teach, or a dataset folder with "
+                                     "prompt/response columns."))
+    name: str | None = field(default=None, metadata=_help("Output folder policies/<name> (default from the method)."))
+    num_generations: int = field(default=4, metadata=_help("GRPO: completions per prompt (group size)."))
+    max_completion_length: int = field(default=48, metadata=_help("GRPO/PPO: completion length cap."))
+    max_prompts: int | None = field(default=None, metadata=_help("GRPO/PPO: at most this many train prompts."))
+    num_ppo_epochs: int = field(default=4, metadata=_help("PPO: optimisation passes over each rollout batch."))
+    num_mini_batches: int = field(default=1, metadata=_help("PPO: minibatches per rollout batch."))
     overwrite: bool = field(default=False, metadata=_help("Delete policies/<name> and start over."))
 
 
+@dataclass
+class DistillConfig(TrainingConfig):
+    """Distil teacher datasets into one student checkpoint that loads without mocd_train (stage `distill`, §7)."""
+
+    teachers: dict = field(
+        default_factory=dict, metadata=_help("{teacher name under <run_dir>/teach (or a dataset folder): weight}; a "
+                                             "weight w ≤ 1 keeps that share of the teacher's rows (seeded)."))
+    student: str | None = field(default=None, metadata=_help("The student to fine-tune (default: `model`, π_ref)."))
+    name: str | None = field(default=None, metadata=_help("Output folder distill/<name> (default: the teachers)."))
+    deduplicate: bool = field(default=True, metadata=_help("Drop repeated (prompt, response) pairs across teachers."))
+    min_worst_case: float | str | None = field(
+        default=None, metadata=_help("Keep rows whose normalised worst-case reward min_g r̃_g is at least this number "
+                                     "or quantile ('50%')."))
+    heldout_fraction: float = field(
+        default=0.1, metadata=_help("Teacher prompts held out to measure the student's likelihood of them."))
+    loss: Literal["sft", "token_kl"] = field(
+        default="sft", metadata=_help("sft: likelihood of the teacher's responses; token_kl (one MOD teacher): KL to "
+                                      "MOD's combined next-token distribution at every response token."))
+    overwrite: bool = field(default=False, metadata=_help("Delete distill/<name> and start over."))
+
+
+@dataclass
+class EvaluateConfig(CommonConfig):
+    """Compare methods decoded on the same held-out prompts: table, plots, HTML report, W&B (stage `evaluate`, §8)."""
+
+    methods: list[str] = field(
+        default_factory=list, metadata=_help("Teacher datasets under <run_dir>/teach to compare (decode policies and "
+                                             "students with `teach.py --decoder pi_ref --model ...`)."))
+    reference: str = field(default="eval-pi_ref", metadata=_help("The π_ref dataset every method is paired with."))
+    name: str = field(default="eval", metadata=_help("Output folder <run_dir>/<name>."))
+    samples: int = field(default=3, metadata=_help("Sample responses per method in the HTML report."))
+    overwrite: bool = field(default=True, metadata=_help("Re-evaluate even if a report exists (it is cheap)."))
+
+
 STAGES: dict[str, type[CommonConfig]] = {"rollouts": RolloutsConfig, "value": ValueConfig, "palette": PaletteConfig,
-                                         "teach": TeachConfig, "policies": PolicyConfig}
+                                         "teach": TeachConfig, "policies": PolicyConfig, "distill": DistillConfig,
+                                         "evaluate": EvaluateConfig}
 
 # Keys whose change does not alter a stage's outputs: a resumed run may use different values.
 RESUME_FREE_KEYS = {"report_to", "device", "cache_dir", "score_batch_size", "overwrite", "eval_batch_size",
@@ -361,8 +423,9 @@ def validate(cfg: CommonConfig) -> None:
 def _check_rollouts(cfg: RolloutsConfig) -> None:
     from mocd_train.assets import PROMPT_SOURCES
 
-    if cfg.prompts_file is not None and not Path(cfg.prompts_file).is_file():
-        raise ConfigError(f"prompts_file: {cfg.prompts_file!r} does not exist. Give a path to a .jsonl/.json/.txt file.")
+    if cfg.prompts_file is not None and not cfg.prompts_file.startswith("hf:") and not Path(cfg.prompts_file).is_file():
+        raise ConfigError(f"prompts_file: {cfg.prompts_file!r} does not exist. Give a path to a .jsonl/.json/.txt "
+                          "file, or hf:<dataset>[@split] for a hub dataset.")
     if cfg.prompts_file is None:
         if not cfg.prompt_sources:
             raise ConfigError("prompt_sources: empty. Name packaged sources or set prompts_file.")
@@ -415,6 +478,15 @@ def _check_teach(cfg: TeachConfig) -> None:
         raise ConfigError(f"objective: cd_single needs one of {names}, got {cfg.objective!r}.")
     if cfg.decoder == "cd_fixed" and (cfg.weights is None or len(cfg.weights) != len(names)):
         raise ConfigError(f"weights: cd_fixed needs {len(names)} weights (one per objective {names}), got {cfg.weights}.")
+    if cfg.decoder in ("mod", "soup"):
+        if not cfg.policies:
+            raise ConfigError(f"policies: {cfg.decoder} combines trained policies; name them, e.g. "
+                              "--policies [helpfulness-dpo, harmlessness-dpo].")
+        if cfg.weights is None or len(cfg.weights) != len(cfg.policies):
+            raise ConfigError(f"weights: {cfg.decoder} needs one weight per policy ({len(cfg.policies)}), got "
+                              f"{cfg.weights}.")
+        if cfg.decoder == "soup" and cfg.divergence != "reverse_kl":
+            raise ConfigError("divergence: a rewarded soup mixes weights, it has no combination rule; leave it.")
     if cfg.decoder == "map_d" and not cfg.palette:
         raise ConfigError("palette: map_d needs a solved palette (recipes/solve_palette.py), e.g. --palette hh-65.")
     if cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
@@ -426,14 +498,20 @@ def _check_policy(cfg: PolicyConfig) -> None:
 
     names = [o.name for o in parse_objectives(cfg.objectives)]
     _positive(cfg, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
-              "num_generations", "max_completion_length", "logging_steps", "save_steps")
+              "num_generations", "max_completion_length", "logging_steps", "save_steps", "num_ppo_epochs",
+              "num_mini_batches")
     if cfg.method == "sft":
         if not cfg.sft_dataset:
             raise ConfigError("sft_dataset: SFT needs (prompt, response) data: a teacher name or a dataset folder.")
     else:
-        if (cfg.objective is None) == (cfg.weights is None):
-            raise ConfigError(f"{cfg.method} trains for one `objective` or for `weights` — give exactly one "
-                              f"(objectives: {names}).")
+        if sum(x is not None for x in (cfg.objective, cfg.weights, cfg.palette)) != 1:
+            raise ConfigError(f"{cfg.method} trains for one `objective`, for `weights` or for a `palette` — give "
+                              f"exactly one (objectives: {names}).")
+        if cfg.palette is not None and cfg.method not in ("grpo", "ppo"):
+            raise ConfigError(f"palette: MAP-F trains with GRPO or PPO on the reward β·λᵀr, not with {cfg.method}.")
+        if cfg.palette is not None and cfg.beta <= 0:
+            raise ConfigError("beta: MAP-F needs β > 0 — the reward is β·λᵀr and the KL term at β makes p_λ the "
+                              "optimum.")
         if cfg.objective is not None and cfg.objective not in names:
             raise _unknown_key(cfg.objective, names, "objective")
         for key, w in (cfg.weights or {}).items():
@@ -450,6 +528,11 @@ def _check_policy(cfg: PolicyConfig) -> None:
             raise ConfigError(f"alpha: {cfg.alpha} must lie in (0, 1).")
     elif cfg.divergence != "reverse_kl":
         raise ConfigError(f"divergence: {cfg.method} regularises with reverse KL only; f-divergences are for DPO.")
+    if cfg.method == "ppo" and (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+                                % cfg.num_mini_batches):
+        raise ConfigError(f"num_mini_batches ({cfg.num_mini_batches}) must divide per_device_train_batch_size × "
+                          f"gradient_accumulation_steps ({cfg.per_device_train_batch_size}×"
+                          f"{cfg.gradient_accumulation_steps}).")
     if cfg.method == "grpo" and cfg.per_device_train_batch_size % cfg.num_generations:
         raise ConfigError(f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) must be a multiple of "
                           f"num_generations ({cfg.num_generations}).")
@@ -457,8 +540,29 @@ def _check_policy(cfg: PolicyConfig) -> None:
         raise ConfigError("beta: must be ≥ 0.")
 
 
-_CHECKS = {RolloutsConfig: _check_rollouts, ValueConfig: _check_value, PaletteConfig: _check_palette,
-           TeachConfig: _check_teach, PolicyConfig: _check_policy}
+def _check_distill(cfg: DistillConfig) -> None:
+    _positive(cfg, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
+              "logging_steps", "save_steps")
+    if not cfg.teachers:
+        raise ConfigError("teachers: name at least one teacher dataset, e.g. --teachers '{rmod: 1.0}'.")
+    for key, w in cfg.teachers.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w <= 1:
+            raise ConfigError(f"teachers.{key}: weight {w!r} must be a share of its rows in (0, 1].")
+    if isinstance(cfg.min_worst_case, str) and not re.fullmatch(r"\d+(\.\d+)?%", cfg.min_worst_case):
+        raise ConfigError(f"min_worst_case: {cfg.min_worst_case!r} is neither a number nor a quantile like '50%'.")
+    if not 0 <= cfg.heldout_fraction < 1:
+        raise ConfigError("heldout_fraction: must lie in [0, 1).")
+    if cfg.loss == "token_kl" and len(cfg.teachers) != 1:
+        raise ConfigError("loss token_kl distils one MOD teacher's distribution: name exactly one teacher.")
+
+
+def _check_evaluate(cfg: EvaluateConfig) -> None:
+    if not cfg.methods:
+        raise ConfigError("methods: name the teacher datasets to compare, e.g. --methods '[eval-rmod, eval-cd_uniform]'.")
+
+
+_CHECKS = {EvaluateConfig: _check_evaluate, RolloutsConfig: _check_rollouts, ValueConfig: _check_value, PaletteConfig: _check_palette,
+           TeachConfig: _check_teach, PolicyConfig: _check_policy, DistillConfig: _check_distill}
 
 
 def _fraction(cfg: Any, key: str) -> None:
@@ -493,17 +597,38 @@ def stage_values(data: dict[str, Any], stage: str, where: str) -> dict[str, Any]
     common = set(_fields(CommonConfig))
     values, section = {}, {}
     for key, value in data.items():
-        if key in STAGES:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}: the section for stage {key!r} in {where} must be a mapping.")
+        if key in STAGES and isinstance(value, dict):
             if key == stage:
                 section = value
-        elif key in common or key in _fields(STAGES[stage]):
+        elif key in common or key in _fields(STAGES[stage]):  # `palette: hh-65` is a key of teach and policies
             values[key] = value
+        elif key == "pipeline":  # the step list recipes/pipeline.py runs
+            continue
+        elif key in STAGES:
+            raise ConfigError(f"{key}: the section for stage {key!r} in {where} must be a mapping.")
         else:
             known = sorted(common | set(STAGES) | set(_fields(STAGES[stage])))
             raise _unknown_key(key, known, where)
     return {**values, **section}
+
+
+def pipeline_steps(data: dict[str, Any], path: str | Path) -> list[tuple[str, str, dict[str, Any]]]:
+    """The `pipeline:` list of a pipeline file → [(stage, config file, step overrides)], each step checked: a step
+    names its `stage`, optionally a stage file (`config`, relative to the repository or absolute), and key overrides."""
+    steps = data.get("pipeline")
+    if not isinstance(steps, list) or not steps:
+        raise ConfigError(f"{path}: no `pipeline:` list of steps ({{stage: ..., key: value}}) to run.")
+    out = []
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict) or step.get("stage") not in STAGES:
+            raise ConfigError(f"pipeline[{i}] in {path}: each step needs `stage:` one of {', '.join(STAGES)}, got "
+                              f"{step!r}.")
+        config = str(step.get("config", path))
+        extra = {k: v for k, v in step.items() if k not in ("stage", "config")}
+        values = {**stage_values(read_yaml(config), step["stage"], config), **extra}
+        build_config(STAGES[step["stage"]], values, where=f"pipeline[{i}] ({step['stage']}, {config})")
+        out.append((step["stage"], config, extra))
+    return out
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, Any]]:

@@ -44,3 +44,92 @@ def align(rows_a: list[dict], rows_b: list[dict]) -> tuple[list[dict], list[dict
     by_b = {r["prompt_id"]: r for r in rows_b}
     common = [r for r in rows_a if r["prompt_id"] in by_b]
     return common, [by_b[r["prompt_id"]] for r in common]
+
+
+def bootstrap_ci(x: torch.Tensor, level: float = 0.95, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of per-prompt values x [N] (resampling prompts)."""
+    if len(x) < 2:
+        return float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(x), (n, len(x)), generator=g)
+    means = x.double()[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def pareto_front(points: torch.Tensor) -> list[int]:
+    """Indices of the points [n, G] no other point dominates (≥ everywhere, > somewhere); higher is better."""
+    front = []
+    for i in range(len(points)):
+        ge = (points >= points[i]).all(1)
+        gt = (points > points[i]).any(1)
+        if not (ge & gt).any():
+            front.append(i)
+    return front
+
+
+def hypervolume(points: torch.Tensor, reference: torch.Tensor) -> float:
+    """Volume dominated by the points [n, G] and bounded below by `reference` [G] (G = 2 or 3; exact, by slicing)."""
+    pts = [p for p in points.double().tolist() if all(v > r for v, r in zip(p, reference.tolist()))]
+    if not pts:
+        return 0.0
+    ref = reference.double().tolist()
+    if len(ref) == 2:
+        pts.sort(key=lambda p: -p[0])
+        area, best_y = 0.0, ref[1]
+        for x, y in pts:
+            if y > best_y:
+                area += (x - ref[0]) * (y - best_y)
+                best_y = y
+        return area
+    if len(ref) == 3:  # slice along the third axis: area of the 2-D front above each level
+        zs = sorted({p[2] for p in pts}, reverse=True)
+        volume = 0.0
+        for i, z in enumerate(zs):
+            below = zs[i + 1] if i + 1 < len(zs) else ref[2]
+            layer = torch.tensor([p[:2] for p in pts if p[2] >= z])
+            volume += hypervolume(layer, torch.tensor(ref[:2])) * (z - below)
+        return volume
+    raise ValueError(f"hypervolume is implemented for 2 or 3 objectives, got {len(ref)}.")
+
+
+def navigation_efficiency(points: torch.Tensor, reference: torch.Tensor) -> float:
+    """MAP's navigation efficiency: the share of results that improve every objective over the reference."""
+    return float((points > reference).all(1).double().mean()) if len(points) else float("nan")
+
+
+def compare(tables: dict[str, list[dict]], reference: str, names: list[str], normalizer) -> dict:
+    """Every method's rows (teacher-dataset rows with reward_<g> and cost_* columns) on the prompts it shares with
+    the reference → one comparison: raw and normalised means, worst cases, worst-case win rate vs the reference with
+    a bootstrap CI, cost; plus the Pareto front, hypervolume and navigation efficiency of the methods' mean points."""
+
+    def norm(rows):
+        return normalizer(torch.tensor([[r[f"reward_{g}"] for g in names] for r in rows], dtype=torch.float64))
+
+    ref_rows = tables[reference]
+    out = {"objectives": names, "reference": reference, "methods": {}}
+    for label, rows in tables.items():
+        a, b = align(rows, ref_rows)
+        if not a:
+            raise ValueError(f"method {label!r} shares no prompt with the reference {reference!r}.")
+        na, nb = norm(a), norm(b)
+        entry = method_metrics(na, names)
+        entry["raw_mean"] = {g: float(sum(r[f"reward_{g}"] for r in a) / len(a)) for g in names}
+        wins = (na.min(1).values > nb.min(1).values).double() + 0.5 * (na.min(1).values == nb.min(1).values).double()
+        entry["vs_reference"] = {**paired_comparison(na, nb), "worst_case_win_rate_ci": bootstrap_ci(wins)}
+        tokens = sum(r["num_response_tokens"] for r in a)
+        seconds = sum(r.get("cost_seconds", 0.0) for r in a)
+        entry["cost"] = {"policy_tokens_per_prompt": sum(r.get("cost_policy_tokens", 0.0) for r in a) / len(a),
+                         "value_tokens_per_prompt": sum(r.get("cost_value_tokens", 0.0) for r in a) / len(a),
+                         "seconds_per_prompt": seconds / len(a),
+                         "response_tokens_per_second": tokens / seconds if seconds else float("nan")}
+        out["methods"][label] = entry
+    labels = list(out["methods"])
+    points = torch.tensor([[out["methods"][m]["mean"][g] for g in names] for m in labels], dtype=torch.float64)
+    ref_point = points[labels.index(reference)]
+    out["pareto_front"] = [labels[i] for i in pareto_front(points)]
+    if len(names) in (2, 3):
+        out["hypervolume"] = hypervolume(points, ref_point)
+    out["navigation_efficiency"] = navigation_efficiency(
+        torch.cat([points[:labels.index(reference)], points[labels.index(reference) + 1:]]), ref_point)
+    return out

@@ -14,15 +14,19 @@ Everything is solved in standardised units (r − c0)/s, so scaling or shifting 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linprog, minimize
 
+from mocd_train.config import ConfigError
 
-class PaletteError(ValueError):
+
+class PaletteError(ConfigError):
     """A palette that cannot be read or resolved; the message names the objective and the fix."""
 
 
@@ -395,5 +399,22 @@ def _level(name: str, value, columns: list[np.ndarray], c0: float) -> float:
                        "or {classifier: κ}.")
 
 
+def load_palette(palette: str | Path, objectives: list[str], run_dir: str | Path | None = None) -> dict:
+    """A solved palette — a .json path, or a name under <run_dir>/palette — refusing infeasible ones and ones for other
+    objectives; `path` in the record says which file it was."""
+    path = Path(palette)
+    if path.suffix != ".json" and run_dir is not None:
+        path = Path(run_dir) / "palette" / f"{palette}.json"
+    if not path.is_file():
+        raise PaletteError(f"palette: {str(path)!r} does not exist. Solve one with recipes/solve_palette.py first.")
+    record = json.loads(path.read_text())
+    if record["objectives"] != list(objectives):
+        raise PaletteError(f"palette {path} is for objectives {record['objectives']}, this run has {objectives}.")
+    if not record["feasible"]:
+        raise PaletteError(f"palette {path} is infeasible (LP margin {record['margin']:+.4f}); re-solve it with "
+                          "--auto_adjust interpolate.")
+    return {**record, "path": str(path)}
+
+
 __all__ = ["PaletteError", "PaletteSolution", "solve_palette", "solve_palettes", "lp_margin", "interpolate_palette",
-           "greedy_palette", "sensitivity", "resolve_palette"]
+           "greedy_palette", "sensitivity", "resolve_palette", "load_palette"]

@@ -66,7 +66,7 @@ def lora_config(cfg):
                       target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
 
 
-def common_args(cfg, out: Path) -> dict:
+def common_args(cfg, out: Path, stage: str = "policies") -> dict:
     """TrainingArguments shared by every method (TRL configs default to bf16: only on a GPU here)."""
     from mocd_train.tracking import trainer_report_to
 
@@ -77,8 +77,8 @@ def common_args(cfg, out: Path) -> dict:
                 gradient_accumulation_steps=cfg.gradient_accumulation_steps, logging_steps=cfg.logging_steps,
                 save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, use_cpu=cpu,
                 bf16=not cpu and cfg.dtype in ("auto", "bfloat16"), fp16=not cpu and cfg.dtype == "float16",
-                gradient_checkpointing=cfg.gradient_checkpointing, report_to=trainer_report_to(cfg, "policies"),
-                run_name=f"{Path(cfg.run_dir).name}-policy", remove_unused_columns=False)
+                gradient_checkpointing=cfg.gradient_checkpointing, report_to=trainer_report_to(cfg, stage),
+                run_name=f"{Path(cfg.run_dir).name}-{stage}", remove_unused_columns=False)
 
 
 def dpo_trainer(cfg, model, tokenizer, pairs: list[dict], out: Path):
@@ -92,28 +92,39 @@ def dpo_trainer(cfg, model, tokenizer, pairs: list[dict], out: Path):
                       peft_config=lora_config(cfg) if cfg.use_lora else None)
 
 
-def sft_trainer(cfg, model, tokenizer, examples: list[dict], out: Path):
+def sft_trainer(cfg, model, tokenizer, examples: list[dict], out: Path, stage: str = "policies"):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    args = SFTConfig(**common_args(cfg, out), max_length=cfg.max_length, completion_only_loss=True)
+    args = SFTConfig(**common_args(cfg, out, stage), max_length=cfg.max_length, completion_only_loss=True)
     return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
                       peft_config=lora_config(cfg) if cfg.use_lora else None)
 
 
-def reward_callables(reward_set, normalizer: Normalizer, names: list[str], weights: list[float]):
-    """GRPO reward functions: one per objective with a non-zero weight, each returning the normalised reward (TRL
-    logs them separately), with `weights` as TRL's reward_weights."""
+def fixed_reward(cfg, names: list[str], normalizer: Normalizer, palette: dict | None = None):
+    """The one reward an RL method maximises, as (weights, normalizer): w·r̃ on normalised rewards for `objective` /
+    `weights`; for a MAP palette (MAP-F, ALGORITHMS.md §6) β·λᵀr on raw rewards (normalizer None), so that the
+    KL-regularised optimum π_ref·exp(R/β) is exactly p_λ ∝ π_ref·exp(λᵀr)."""
+    if palette is not None:
+        return [cfg.beta * float(v) for v in palette["lam"]], None
+    return objective_weights(cfg, names), normalizer
+
+
+def _texts(items) -> list[str]:
+    return [x[-1]["content"] if isinstance(x, list) else x for x in items]
+
+
+def reward_callables(reward_set, normalizer: Normalizer | None, names: list[str], weights: list[float]):
+    """GRPO reward functions: one per objective with a non-zero weight (TRL logs them separately), each returning
+    the normalised reward (raw when `normalizer` is None), with `weights` as TRL's reward_weights."""
     funcs, used = [], []
     for i, g in enumerate(names):
         if weights[i] == 0:
             continue
 
         def score(prompts, completions, i=i, **_):
-            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-            plain = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
-            raw = reward_set.score(plain, texts)
-            return normalizer(raw.double())[:, i].tolist()
+            raw = reward_set.score(_texts(prompts), _texts(completions)).double()
+            return (normalizer(raw) if normalizer is not None else raw)[:, i].tolist()
 
         score.__name__ = g
         funcs.append(score)
@@ -123,15 +134,89 @@ def reward_callables(reward_set, normalizer: Normalizer, names: list[str], weigh
 
 def grpo_trainer(cfg, model, tokenizer, prompts: list[str], reward_set, normalizer, names, weights, out: Path,
                  system_prompt: str | None = None):
+    """With raw rewards (a palette) advantages are not divided by the group's std: that rescaling would change the
+    reward, and with it the KL-regularised optimum p_λ."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     funcs, used = reward_callables(reward_set, normalizer, names, weights)
     args = GRPOConfig(**common_args(cfg, out), beta=cfg.beta, num_generations=cfg.num_generations,
-                      max_completion_length=cfg.max_completion_length, reward_weights=used, temperature=1.0)
+                      max_completion_length=cfg.max_completion_length, reward_weights=used, temperature=1.0,
+                      scale_rewards="group" if normalizer is not None else "none")
     data = Dataset.from_list([{"prompt": _user(p, system_prompt)} for p in prompts])
     return GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tokenizer,
                        peft_config=lora_config(cfg) if cfg.use_lora else None)
+
+
+class TextReward(torch.nn.Module):
+    """The registry's reward functions as the reward *model* TRL's PPO expects. TRL calls
+    `getattr(rm, rm.base_model_prefix)(input_ids, attention_mask, ...)`, takes `.hidden_states[-1]`, applies
+    `rm.score` and reads it at the last response token; so the backbone decodes each (prompt, response), scores the
+    text, and returns the scalar w·r at every position, and `score` is the identity."""
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, tokenizer, prompts: dict[tuple, str], reward_set, normalizer: Normalizer | None,
+                 weights: list[float]):
+        super().__init__()
+        self.tokenizer, self.prompts, self.reward_set, self.normalizer = tokenizer, prompts, reward_set, normalizer
+        self.lengths = sorted({len(k) for k in prompts}, reverse=True)
+        self.register_buffer("weights", torch.tensor(weights, dtype=torch.float64), persistent=False)
+        self.score = torch.nn.Identity()
+
+    @staticmethod
+    def key(ids, pad_token_id: int) -> tuple:
+        """Prompt ids as TRL's get_reward passes them (pad ids replaced by 0)."""
+        return tuple(0 if t == pad_token_id else int(t) for t in ids)
+
+    def split(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[str, str]:
+        start = int(mask.long().argmax())
+        row = ids[start:].tolist()
+        for n in self.lengths:
+            prompt = self.prompts.get(tuple(row[:n]))
+            if prompt is not None:
+                response = ids[start + n:][mask[start + n:]]
+                return prompt, self.tokenizer.decode(response, skip_special_tokens=True)
+        raise RuntimeError("PPO passed a query that is not one of the training prompts.")
+
+    def backbone(self, input_ids, attention_mask, **_):
+        from types import SimpleNamespace
+
+        pairs = [self.split(ids, m.bool()) for ids, m in zip(input_ids, attention_mask)]
+        raw = self.reward_set.score([p for p, _ in pairs], [r for _, r in pairs]).double()
+        reward = (self.normalizer(raw) if self.normalizer is not None else raw) @ self.weights.cpu()
+        hidden = reward.to(input_ids.device, torch.float32)[:, None, None].expand(*input_ids.shape, 1)
+        return SimpleNamespace(hidden_states=(hidden,))
+
+
+def ppo_trainer(cfg, model, tokenizer, prompts: list[str], reward_set, normalizer, names, weights, out: Path,
+                system_prompt: str | None = None, num_processes: int = 1):
+    """TRL's PPO (trl.experimental, trl ≤ 1.12) with the registry's rewards as reward model and a value head on a copy
+    of π_ref (a sequence classifier with one label, trained in full); KL coefficient β."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ConfigError("PPO needs a pad token distinct from EOS: TRL's PPO masks every pad id, so EOS tokens "
+                          "inside the prompts would vanish. Use a tokenizer with its own pad token.")
+    tokenizer.padding_side = "left"
+    ids = [tokenizer.apply_chat_template(_user(p, system_prompt), add_generation_prompt=True, tokenize=True,
+                                         return_dict=False) for p in prompts]
+    keys = {TextReward.key(i, tokenizer.pad_token_id): p for i, p in zip(ids, prompts)}
+    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
+    args = PPOConfig(**{**common_args(cfg, out), "save_strategy": "no"}, kl_coef=cfg.beta,
+                     response_length=cfg.max_completion_length, num_ppo_epochs=cfg.num_ppo_epochs,
+                     num_mini_batches=cfg.num_mini_batches, stop_token="eos", temperature=1.0,
+                     total_episodes=cfg.max_steps * batch if cfg.max_steps > 0 else None)
+    value = AutoModelForSequenceClassification.from_pretrained(model.config._name_or_path, num_labels=1,
+                                                               dtype=model.dtype).to(model.device)
+    value.config.pad_token_id = tokenizer.pad_token_id
+    reward = TextReward(tokenizer, keys, reward_set, normalizer, weights)
+    return PPOTrainer(args=args, processing_class=tokenizer, model=model, ref_model=None, reward_model=reward,
+                      value_model=value,
+                      train_dataset=Dataset.from_dict({"input_ids": ids}),
+                      peft_config=lora_config(cfg) if cfg.use_lora else None)
 
 
 def save_policy(trainer, tokenizer, out: Path, merge: bool) -> dict:
@@ -142,6 +227,7 @@ def save_policy(trainer, tokenizer, out: Path, merge: bool) -> dict:
     from peft import PeftModel
 
     model = trainer.accelerator.unwrap_model(trainer.model)
+    model = getattr(model, "policy", model)  # PPO trains a (policy, value) wrapper: keep the policy
     is_lora = isinstance(model, PeftModel)
     if is_lora and not any(p.numel() for n, p in model.named_parameters() if "lora_" in n):
         raise RuntimeError("the LoRA adapter has no weights to save (ZeRO-3 partitions them): use the ZeRO-2 config "
@@ -183,32 +269,63 @@ def load_policy(path: str | Path, device: torch.device | str = "cpu", dtype: tor
     return model.to(device).eval(), load_tokenizer(str(adapter))
 
 
-def soup(adapters: dict[str, str | Path], weights: dict[str, float], out: str | Path, cache_dir: str | None = None):
-    """Rewarded soup of LoRA adapters on one base (ALGORITHMS.md §5): ΔW = Σ_i w_i B_i A_i exactly, through PEFT's
-    `add_weighted_adapter(combination_type="cat")` ("linear" would mix A and B separately: not the same)."""
-    import os
-    import shutil
+def policy_dir(run_dir: str | Path, ref: str) -> Path:
+    """A policy named in a config: a name under <run_dir>/policies, or a folder."""
+    path = Path(run_dir) / "policies" / ref
+    path = path if path.is_dir() else Path(ref)
+    if not path.is_dir():
+        raise ConfigError(f"policy {ref!r} is neither under {Path(run_dir) / 'policies'} nor a folder; train it with "
+                          "recipes/train_policy.py.")
+    return path
 
-    from peft import PeftConfig, PeftModel
+
+def adapter_of(path: Path) -> Path | None:
+    """The LoRA adapter folder of a policy (policies/<name>/adapter, or an adapter folder itself), else None."""
+    for cand in (path / "adapter", path):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    return None
+
+
+def adapter_base(adapter: Path) -> str:
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+
+
+def soup_model(adapters: dict[str, str | Path], weights: dict[str, float], cache_dir: str | None = None):
+    """Rewarded soup of LoRA adapters on one base (ALGORITHMS.md §5): ΔW = Σ_i w_i B_i A_i exactly, through PEFT's
+    `add_weighted_adapter(combination_type="cat")` ("linear" would mix A and B separately: not the same).
+    Returns the merged model and its base's path."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from mocd_train.assets import resolve_model
-    from mocd_train.models import load_tokenizer
 
     names = list(adapters)
     if set(weights) != set(names):
         raise ConfigError(f"soup weights name {sorted(weights)}, the adapters are {sorted(names)}.")
-    bases = {PeftConfig.from_pretrained(p).base_model_name_or_path for p in adapters.values()}
+    bases = {adapter_base(Path(p)) for p in adapters.values()}
     if len(bases) != 1:
         raise ConfigError(f"a soup needs adapters of one base model, got {sorted(bases)}.")
     base_path = resolve_model(bases.pop(), cache_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_path)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(adapters[names[0]]),
+                                      adapter_name=names[0])
     for n in names[1:]:
-        model.load_adapter(adapters[n], adapter_name=n)
+        model.load_adapter(str(adapters[n]), adapter_name=n)
     model.add_weighted_adapter(names, [weights[n] for n in names], "soup", combination_type="cat")
     model.set_adapter("soup")
-    merged = model.merge_and_unload(adapter_names=["soup"])
+    return model.merge_and_unload(adapter_names=["soup"]), base_path
+
+
+def soup(adapters: dict[str, str | Path], weights: dict[str, float], out: str | Path, cache_dir: str | None = None):
+    """Save the soup as a full checkpoint (temp folder, then rename)."""
+    import os
+    import shutil
+
+    from mocd_train.models import load_tokenizer
+
+    merged, base_path = soup_model(adapters, weights, cache_dir)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

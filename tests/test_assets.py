@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -28,6 +29,21 @@ def test_prompts_file(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match="item 0 has no string field 'prompt'"):
         assets.prompts_from_file(str(tmp_path / "bad.jsonl"))
+
+
+def test_prompts_from_a_hub_style_dataset(tmp_path):
+    """hf:<dataset>[@split] reads a 'prompt' column or HH transcripts; a local dataset folder stands in for the hub."""
+    hh = tmp_path / "hh"
+    hh.mkdir()
+    rows = [{"chosen": "\n\nHuman: How do I bake bread?\n\nAssistant: Knead it.\n\nHuman: And then?", "rejected": "x"},
+            {"chosen": "\n\nHuman: Tell me a joke\n\nAssistant: No.", "rejected": "y"}]
+    (hh / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    got = assets.load_prompts(split=None, prompts_file=f"hf:{hh}@test")
+    assert sorted(p.text for p in got) == ["How do I bake bread?", "Tell me a joke"]
+    with pytest.raises(ValueError, match="neither a 'prompt' column"):
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "x.jsonl").write_text(json.dumps({"text": "hi"}))
+        assets.prompts_from_hub(f"hf:{tmp_path / 'bad'}")
 
 
 def test_missing_wheel_error_prints_the_install_command():

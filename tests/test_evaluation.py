@@ -22,3 +22,71 @@ def test_align_pairs_rows_by_prompt():
     b = [{"prompt_id": "p3", "v": 30}, {"prompt_id": "p1", "v": 10}]
     x, y = align(a, b)
     assert [r["v"] for r in x] == [1, 3] and [r["v"] for r in y] == [10, 30]
+
+
+def test_pareto_front_hypervolume_and_navigation_efficiency():
+    from mocd_train.evaluation import hypervolume, navigation_efficiency, pareto_front
+
+    pts = torch.tensor([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0], [1.5, 1.5], [0.5, 0.5]])
+    assert pareto_front(pts) == [0, 1, 2]
+    ref = torch.tensor([0.0, 0.0])
+    # union of [0,1]x[0,3], [0,2]x[0,2], [0,3]x[0,1] = 3 + 2·1 + 1·1 = 6
+    assert hypervolume(pts, ref) == pytest.approx(6.0)
+    cube = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.5, 0.5]])
+    # [0,1]^3 ∪ [0,2]x[0,.5]^2 = 1 + 1·0.25 = 1.25
+    assert hypervolume(cube, torch.zeros(3)) == pytest.approx(1.25)
+    rng = torch.Generator().manual_seed(0)  # Monte Carlo check of the 3-D slicing
+    pts3 = torch.rand(6, 3, generator=rng)
+    samples = torch.rand(200000, 3, generator=rng)
+    covered = (samples[:, None, :] <= pts3[None]).all(-1).any(-1).double().mean()
+    assert hypervolume(pts3, torch.zeros(3)) == pytest.approx(float(covered), abs=0.01)
+    assert navigation_efficiency(pts, torch.tensor([0.8, 0.8])) == pytest.approx(4 / 5)
+
+
+def test_bootstrap_ci_covers_the_mean_and_shrinks_with_more_prompts():
+    from mocd_train.evaluation import bootstrap_ci
+
+    g = torch.Generator().manual_seed(1)
+    small, large = torch.rand(50, generator=g), torch.rand(2000, generator=g)
+    lo, hi = bootstrap_ci(small)
+    assert lo < float(small.mean()) < hi
+    lo2, hi2 = bootstrap_ci(large)
+    assert hi2 - lo2 < (hi - lo) / 3
+
+
+def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm, tmp_path):
+    import json
+
+    from datasets import Dataset
+    from test_rollouts import recipe
+
+    from mocd_train.rewards import Normalizer
+    from mocd_train.tiny import synthetic_rollouts
+
+    names = ["readability", "positivity"]
+    synthetic_rollouts(tmp_path, tiny_lm, tuple(names), num_prompts=4)
+    norm = Normalizer.load(tmp_path / "rollouts" / "normalization.json")
+    g = torch.Generator().manual_seed(0)
+    rewards = {}
+    for method, shift in [("eval-pi_ref", 0.0), ("eval-rmod", 0.05), ("eval-other", -0.05)]:
+        raw = torch.rand(30, 2, generator=g, dtype=torch.float64) * 0.3 + shift
+        rewards[method] = raw
+        trace = [{"block": b, "values": [[0.1, 0.2], [0.3, -0.1]], "chosen": 1, "weights": [0.4, 0.6], "gap": 0.0}
+                 for b in range(3)] if method == "eval-rmod" else []
+        Dataset.from_list([{"prompt_id": f"p{i}", "prompt": f"question {i}", "response": f"answer {i}",
+                            "num_response_tokens": 10, "trace": json.dumps(trace), "cost_policy_tokens": 40.0,
+                            "cost_value_tokens": 40.0, "cost_seconds": 0.5,
+                            **{f"reward_{n}": float(raw[i, j]) for j, n in enumerate(names)}}
+                           for i in range(30)]).save_to_disk(str(tmp_path / "teach" / method / "dataset"))
+    out = recipe("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
+                                   "--methods", "[eval-rmod, eval-other]", "--report_to", "wandb"])
+    page = (out / "report.html").read_text()
+    assert all(m in page for m in ["eval-pi_ref", "eval-rmod", "eval-other"]) and page.count("data:image/png") == 4
+    for png in ["methods", "pareto", "distributions", "rmod_trace"]:
+        assert (out / f"{png}.png").stat().st_size > 10_000
+    comparison = json.loads((out / "comparison.json").read_text())
+    a, b = norm(rewards["eval-rmod"]).min(1).values, norm(rewards["eval-pi_ref"]).min(1).values
+    expected = float(((a > b).double() + 0.5 * (a == b).double()).mean())
+    assert comparison["methods"]["eval-rmod"]["vs_reference"]["worst_case_win_rate"] == pytest.approx(expected)
+    runs = json.loads((out / "DONE.json").read_text())["wandb"]
+    assert len(runs) == 3 and all("offline-run" in r for r in runs)

@@ -5,7 +5,8 @@ import torch
 from test_rollouts import recipe
 
 from mocd_train.config import ConfigError
-from mocd_train.decoding.map_d import MapD, load_palette, resample
+from mocd_train.decoding.map_d import MapD, resample
+from mocd_train.palette import load_palette
 from mocd_train.tiny import synthetic_rollouts
 
 OBJECTIVES = ["readability", "positivity"]

@@ -66,7 +66,8 @@ def test_grpo_raises_a_learnable_reward(tiny_lm, tmp_path):
         tmp_path, tiny_lm, "--method", "grpo", "--objective", "brevity", "--use_lora", "false",
         "--learning_rate", "1e-2", "--max_steps", "30", "--max_prompts", "16", "--max_completion_length", "8",
         "--num_generations", "8", "--per_device_train_batch_size", "16", objectives=["brevity", "positivity"]))
-    assert (out / "model" / "config.json").is_file()
+    summary = json.loads((out / "DONE.json").read_text())
+    assert rewards_rose(summary), summary["rewards"]
     from transformers import AutoModelForCausalLM  # the trained full model loads
 
     AutoModelForCausalLM.from_pretrained(out / "model")
@@ -126,7 +127,142 @@ def test_soup_equals_the_hand_computed_delta_w_mix(tiny_lm, tmp_path):
     (["--method", "dpo", "--objective", "readability", "--divergence", "js", "--loss_type", "bco_pair"], "bco_pair"),
     (["--method", "grpo", "--objective", "readability", "--divergence", "js"], "DPO"),
     (["--method", "sft"], "sft_dataset"),
+    (["--method", "grpo", "--palette", "nope"], "does not exist"),
+    (["--method", "dpo", "--palette", "p"], "GRPO or PPO"),
+    (["--method", "ppo", "--palette", "p", "--beta", "0"], "β > 0"),
+    (["--method", "grpo", "--palette", "p", "--objective", "readability"], "exactly one"),
 ])
 def test_clear_errors(extra, match, tiny_lm, tmp_path):
+    if "nope" in extra:
+        synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=4)
     with pytest.raises(ConfigError, match=match):
         recipe("train_policy").main(policy_args(tmp_path, tiny_lm, *extra))
+
+
+def rewards_rose(summary, n=4, by=0.5):
+    """The mean logged reward of the last n steps beats the first n's by `by` (normalised units)."""
+    r = summary["rewards"]
+    return sum(r[-n:]) / n > sum(r[:n]) / n + by
+
+
+def test_ppo_raises_a_learnable_reward(tiny_lm, tmp_path):
+    synthetic_rollouts(tmp_path, tiny_lm, ("brevity", "positivity"), num_prompts=16)
+    out = recipe("train_policy").main(policy_args(
+        tmp_path, tiny_lm, "--method", "ppo", "--objective", "brevity", "--use_lora", "false",
+        "--learning_rate", "1e-2", "--max_steps", "24", "--max_prompts", "16", "--max_completion_length", "8",
+        "--per_device_train_batch_size", "8", "--num_ppo_epochs", "2", "--beta", "0.01",
+        objectives=["brevity", "positivity"]))
+    summary = json.loads((out / "DONE.json").read_text())
+    assert summary["steps"] == 24 and len(summary["rewards"]) == 24
+    assert rewards_rose(summary), summary["rewards"]
+    assert (out / "model" / "config.json").is_file()
+
+
+def test_text_reward_scores_what_trl_ppo_reads(tiny_lm):
+    """TRL's get_reward on left-padded prompt + right-padded response reads w·r̃ of the decoded (prompt, response)."""
+    from trl.experimental.utils import get_reward
+
+    from mocd_train.policies import TextReward
+    from mocd_train.rewards import Normalizer
+    from mocd_train.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    prompts = ["a short one", "a much longer prompt here"]
+    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                   return_dict=False) for p in prompts]
+    keys = {TextReward.key(i, tok.pad_token_id): p for i, p in zip(ids, prompts)}
+    seen = []
+
+    class Recorder:
+        def score(self, ps, rs):
+            seen.append((ps, rs))
+            return torch.tensor([[len(r), 1.0] for r in rs])
+
+    norm = Normalizer(["brevity", "positivity"], [2.0, 0.0], [4.0, 1.0])
+    reward = TextReward(tok, keys, Recorder(), norm, [0.5, 0.0])
+    responses = [tok.encode("yes", add_special_tokens=False), tok.encode("no way", add_special_tokens=False)]
+    width = max(map(len, ids))
+    pad = tok.pad_token_id
+    rows = [[pad] * (width - len(i)) + i + r + [tok.eos_token_id] + [pad] * (5 - len(r)) for i, r in zip(ids, responses)]
+    _, score, _ = get_reward(reward, torch.tensor(rows), pad, width)
+    texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
+    assert seen == [(prompts, texts)]
+    torch.testing.assert_close(score, torch.tensor([0.5 * (len(t) - 2) / 4 for t in texts]))
+
+
+def test_map_f_trains_on_beta_lambda_r_with_raw_rewards(tiny_lm, tmp_path):
+    """MAP-F: reward β·λᵀr on raw rewards, no per-group std scaling, so the KL-regularised optimum is p_λ."""
+    synthetic_rollouts(tmp_path, tiny_lm, ("brevity", "positivity"), num_prompts=16)
+    recipe("solve_palette").main(["--run_dir", str(tmp_path), "--objectives", "[brevity, positivity]",
+                                  "--report_to", "none", "--name", "short", "--targets", "{brevity: '70%'}"])
+    palette = json.loads((tmp_path / "palette" / "short.json").read_text())
+    assert palette["feasible"] and palette["lam"][0] > 0
+    out = recipe("train_policy").main(policy_args(
+        tmp_path, tiny_lm, "--method", "grpo", "--palette", "short", "--beta", "0.5", "--max_steps", "2",
+        "--max_prompts", "8", "--max_completion_length", "8", "--per_device_train_batch_size", "8",
+        objectives=["brevity", "positivity"]))
+    summary = json.loads((out / "DONE.json").read_text())
+    assert out.name == "map-f-short-grpo" and summary["reward_scale"] == "raw"
+    assert summary["reward_weights"] == pytest.approx([0.5 * lam for lam in palette["lam"]])
+
+
+@pytest.mark.slow
+def test_dpo_with_lora_under_deepspeed_zero2_launch(tiny_lm, tmp_path):
+    """accelerate launch with the ZeRO-2 config on CPU; the saved adapter holds the trained weights (ZeRO-3 would
+    partition them away: save_policy refuses that)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).parents[1]
+    synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=16)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "mocd_ds"))}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "accelerate_configs" / "deepspeed_zero2.yaml"), "--num_processes", "1", "--mixed_precision", "no",
+           str(root / "recipes" / "train_policy.py"),
+           *policy_args(tmp_path, tiny_lm, "--method", "dpo", "--objective", "readability", "--max_steps", "4",
+                        "--learning_rate", "2e-3", "--per_device_train_batch_size", "4")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "policies" / "readability-dpo"
+    summary = json.loads((out / "DONE.json").read_text())
+    assert summary["deepspeed"] is True and summary["steps"] == 4
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert weights and any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_killed_dpo_run_resumes_to_the_uninterrupted_result(tiny_lm, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    extra = ("--method", "dpo", "--objective", "readability", "--learning_rate", "2e-3", "--max_steps", "8",
+             "--save_steps", "4", "--per_device_train_batch_size", "4")
+    for run in ("a", "b"):
+        synthetic_rollouts(tmp_path / run, tiny_lm, tuple(OBJECTIVES), num_prompts=32)
+    train_policy = recipe("train_policy")
+    whole = train_policy.main(policy_args(tmp_path / "a", tiny_lm, *extra))
+
+    class Killed(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 6:  # after the checkpoint at step 4
+                raise KeyboardInterrupt
+
+    real = train_policy.dpo_trainer
+    monkeypatch.setattr(train_policy, "dpo_trainer", lambda *a, **kw: _with(real(*a, **kw), Killed()))
+    with pytest.raises(KeyboardInterrupt):
+        train_policy.main(policy_args(tmp_path / "b", tiny_lm, *extra))
+    monkeypatch.setattr(train_policy, "dpo_trainer", real)
+    resumed = train_policy.main(policy_args(tmp_path / "b", tiny_lm, *extra))
+    assert json.loads((resumed / "DONE.json").read_text())["resumed_from"].endswith("checkpoint-4")
+    a, b = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (whole, resumed))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+def _with(trainer, callback):
+    trainer.add_callback(callback)
+    return trainer

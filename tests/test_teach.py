@@ -117,3 +117,34 @@ def test_two_process_launch_decodes_every_prompt_once_as_one_process_does(run_di
     assert {(s["rank"], s["world_size"]) for s in shards} == {(0, 2), (1, 2)}
     one = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "rmod", "--name", "one"))
     assert rows(run_dir / "teach" / "two") == rows(one)
+
+
+def test_mod_and_soup_teachers_on_lora_policies(run_dir, tiny_lm):
+    """MOD over two adapters (one batched model) and their soup decode through the same sampler: with w = e_1 both
+    are policy 1, so greedy decodes agree; a mixed MOD differs from either."""
+    from test_mod import random_adapter
+
+    for i, name in enumerate(["a", "b"]):
+        random_adapter(tiny_lm, run_dir / "policies" / name / "adapter", seed=i)
+    common = ("--policies", "[a, b]", "--greedy", "true")
+    mod = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "mod", "--name", "mod-a", "--weights",
+                                          "[1.0, 0.0]", *common))
+    soup = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "soup", "--name", "soup-a", "--weights",
+                                           "[1.0, 0.0]", *common))
+    mixed = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "mod", "--name", "mod-js", "--weights",
+                                            "[0.5, 0.5]", "--divergence", "js", *common))
+    by = {k: {r["prompt_id"]: r["response_ids"] for r in load_from_disk(str(o / "dataset"))}
+          for k, o in [("mod", mod), ("soup", soup), ("mixed", mixed)]}
+    assert len(by["mod"]) == 6 and by["mod"] == by["soup"] and by["mixed"] != by["mod"]
+    params = json.loads((mixed / "DONE.json").read_text())["params"]
+    assert params["batched_adapters"] and params["rule"] == "js"
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--decoder", "mod"], "policies"),
+    (["--decoder", "mod", "--policies", "[a, b]", "--weights", "[1.0]"], "one weight per policy"),
+    (["--decoder", "mod", "--policies", "[nope]", "--weights", "[1.0]"], "nope"),
+])
+def test_mod_config_errors(run_dir, tiny_lm, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        recipe("teach").main(teach_args(run_dir, tiny_lm, *extra))

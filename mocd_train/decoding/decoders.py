@@ -112,14 +112,16 @@ def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> D
 
     params = {"K": cfg.num_candidates, "B": cfg.block_size, "T": cfg.max_new_tokens, "temperature": cfg.temperature,
               "top_p": cfg.top_p}
+    if cfg.decoder in ("mod", "soup"):
+        return _mod_decoder(cfg, policy, tokenizer)
     if cfg.decoder == "map_d":
-        from mocd_train.decoding.map_d import MapD, load_palette
+        from mocd_train.decoding.map_d import MapD
+        from mocd_train.palette import load_palette
 
-        path = Path(cfg.palette) if cfg.palette.endswith(".json") else stage_dir(cfg.run_dir, "palette") / f"{cfg.palette}.json"
-        palette = load_palette(path, objectives)
+        palette = load_palette(cfg.palette, objectives, cfg.run_dir)
         return MapD(policy, tokenizer, reward_set, torch.tensor(palette["lam"]), cfg.num_candidates,
                     cfg.max_new_tokens, cfg.temperature, cfg.top_p, _system_prompt(cfg), cfg.batch_size,
-                    params={**params, "palette": str(path), "lam": palette["lam"]})
+                    params={**params, "palette": palette["path"], "lam": palette["lam"]})
     k, b = cfg.num_candidates, cfg.block_size
     if cfg.decoder == "best_of_k":
         b = cfg.max_new_tokens
@@ -155,6 +157,42 @@ def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> D
                       objective_index=objectives.index(cfg.objective) if cfg.objective in objectives else 0,
                       weights=cfg.weights, best_of_k_rule=cfg.best_of_k_rule)
     return BlockDecoder(cfg.decoder, engine, rule, params)
+
+
+def _mod_decoder(cfg, policy, tokenizer):
+    """MOD over the named policies — LoRA adapters on π_ref as one batched model, else full models — or their
+    rewarded soup, decoded by the same sampler (a soup is MOD with one policy)."""
+    from pathlib import Path
+
+    from mocd_train.config import ConfigError
+    from mocd_train.decoding.mod import Mod, PolicySet
+    from mocd_train.policies import adapter_base, adapter_of, load_policy, policy_dir, soup_model
+
+    paths = [policy_dir(cfg.run_dir, p) for p in cfg.policies]
+    adapters = [adapter_of(p) for p in paths]
+    params = {"T": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+              "greedy": cfg.greedy, "policies": [str(p) for p in paths], "weights": cfg.weights}
+    weights, rule = cfg.weights, cfg.divergence
+    if cfg.decoder == "soup":
+        if not all(adapters):
+            raise ConfigError("soup: every policy must be a LoRA adapter (a soup mixes ΔW = B·A).")
+        model, _ = soup_model({f"p{i}": a for i, a in enumerate(adapters)},
+                              {f"p{i}": w for i, w in enumerate(weights)}, cfg.cache_dir)
+        policies, weights = PolicySet.from_models([model.to(policy.device, policy.dtype)]), [1.0]
+    elif all(adapters):
+        bases = {Path(adapter_base(a)).resolve() for a in adapters}
+        if bases != {Path(policy.config._name_or_path).resolve()}:
+            raise ConfigError(f"mod: the adapters' base models {sorted(map(str, bases))} are not this run's model "
+                              f"{policy.config._name_or_path}; MOD combines policies regularised towards one π_ref.")
+        policies = PolicySet.from_adapters(policy, {f"p{i}": a for i, a in enumerate(adapters)})
+        params["batched_adapters"] = True
+    else:
+        models = [load_policy(p, policy.device, policy.dtype, cfg.cache_dir)[0] for p in paths]
+        policies = PolicySet.from_models(models, ref_model=policy if rule == "js" else None)
+    params.update(rule=rule, alpha=cfg.alpha, jsd_approximation=cfg.jsd_approximation)
+    return Mod(policies, tokenizer, weights, rule, cfg.alpha, cfg.jsd_approximation, cfg.greedy, cfg.temperature,
+               cfg.top_k, cfg.top_p, cfg.max_new_tokens, _system_prompt(cfg), cfg.batch_size, name=cfg.decoder,
+               params=params)
 
 
 def _system_prompt(cfg) -> str | None:

@@ -3,14 +3,11 @@ sampling-importance-resampling approximation of p_λ ∝ π_ref · exp(λᵀr) t
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from mocd_train.config import ConfigError
 from mocd_train.data import sample_responses
 from mocd_train.decoding.engine import Decoded
 from mocd_train.rewards import RewardSet
@@ -21,20 +18,6 @@ def resample(rewards: torch.Tensor, lam: torch.Tensor, generator: torch.Generato
     logits = rewards.double() @ lam.double().to(rewards.device)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs.cpu().float(), 1, generator=generator).squeeze(1)
-
-
-def load_palette(path: str | Path, objectives: list[str]) -> dict:
-    """A solved palette JSON; refuses infeasible ones and ones for other objectives."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"palette: {str(path)!r} does not exist. Solve one with recipes/solve_palette.py first.")
-    record = json.loads(path.read_text())
-    if record["objectives"] != list(objectives):
-        raise ConfigError(f"palette {path} is for objectives {record['objectives']}, this run has {objectives}.")
-    if not record["feasible"]:
-        raise ConfigError(f"palette {path} is infeasible (LP margin {record['margin']:+.4f}); re-solve it with "
-                          "--auto_adjust interpolate.")
-    return record
 
 
 @dataclass

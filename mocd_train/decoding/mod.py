@@ -1,0 +1,245 @@
+"""MOD (ALGORITHMS.md §4): combine M policies trained with one f-divergence regulariser into the next-token
+distribution of their w-weighted optimum, token by token, without training.
+
+The per-token rules are pure functions of log-probabilities (`combine`). The policies run as one batched forward per
+step: LoRA adapters on a shared base go through PEFT's mixed-adapter batches (row m·N + i uses adapter m), full models
+run one after another; π_ref is only run for the JSD rule. The reference code fed raw logits to its greedy path,
+replaced JSD by reverse KL silently and hard-coded two objectives; here log_softmax is always taken first, the JSD
+approximation is an explicit option and M is any number ≥ 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mocd_train.config import ConfigError
+from mocd_train.data import chat_texts, eos_ids
+from mocd_train.decoding.engine import Decoded, _left_pad, positions, sample_tokens
+
+RULES = ("reverse_kl", "forward_kl", "js", "alpha")
+LOG2 = math.log(2.0)
+
+
+def check_weights(weights, num_policies: int, rule: str) -> torch.Tensor:
+    """Weights sum to 1; negative entries only where the rule's algebra allows them (reverse KL, JSD)."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    if w.ndim != 1 or len(w) != num_policies:
+        raise ConfigError(f"MOD weights: one per policy ({num_policies}), got {list(map(float, w.view(-1)))}.")
+    if abs(float(w.sum()) - 1.0) > 1e-6:
+        raise ConfigError(f"MOD weights must sum to 1 (they weight the policies' f-divergence optimality "
+                          f"conditions), got sum {float(w.sum()):.6g}.")
+    if (w < 0).any() and rule in ("forward_kl", "alpha"):
+        raise ConfigError(f"MOD weights: negative weights are defined for reverse_kl (and js) only; the {rule} rule "
+                          "takes log w_i. Use non-negative weights or reverse-KL-trained policies.")
+    return w
+
+
+def combine(logps: torch.Tensor, weights, rule: str = "reverse_kl", alpha: float = 0.5,
+            ref_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """logps [M, ..., V] (log-probabilities of the M policies) → the combined unnormalised log-score [..., V].
+
+    reverse KL  Σ w_i log π_i
+    forward KL  −logsumexp_i(log w_i − log π_i)
+    α           −(1/α) logsumexp_i(log w_i − α log π_i), α ∈ (0, 1]
+    JSD         log π_ref + v − log(2 − e^v), v = Σ w_i log(2u_i / (1 + u_i)), u_i = π_i / π_ref (needs ref_logp)
+    """
+    w = check_weights(weights, logps.shape[0], rule).to(logps.device, logps.dtype)
+    shape = (-1,) + (1,) * (logps.ndim - 1)
+    if rule == "reverse_kl":
+        return (w.view(shape) * logps).sum(0)
+    if rule in ("forward_kl", "alpha"):
+        a = 1.0 if rule == "forward_kl" else alpha
+        if not 0 < a <= 1:
+            raise ConfigError(f"alpha: {a} must lie in (0, 1].")
+        keep = w > 0  # log 0 = −inf: a zero weight drops its policy
+        terms = torch.log(w[keep]).view(shape) - a * logps[keep]
+        return -torch.logsumexp(terms, 0) / a
+    if rule == "js":
+        if ref_logp is None:
+            raise ValueError("the JSD rule needs π_ref's log-probabilities.")
+        log_u = logps - ref_logp.unsqueeze(0)
+        v = (w.view(shape) * (LOG2 + log_u - torch.nn.functional.softplus(log_u))).sum(0)
+        v = v.clamp(max=LOG2 - 1e-6)  # e^v < 2 holds for w ≥ 0; negative weights can cross it
+        return ref_logp + v - (LOG2 + torch.log(-torch.expm1(v - LOG2)))
+    raise ConfigError(f"MOD rule {rule!r} is not one of {', '.join(RULES)}.")
+
+
+def next_tokens(score: torch.Tensor, greedy: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """argmax of the combined score, or a sample from softmax(score / T) within top-k / top-p."""
+    if greedy:
+        return score.argmax(-1)
+    if top_k:
+        kth = score.topk(min(top_k, score.shape[-1]), -1).values[..., -1:]
+        score = score.masked_fill(score < kth, -float("inf"))
+    return sample_tokens(score, temperature, top_p, generator)
+
+
+# ------------------------------------------------------------------------------------------------------ policies
+
+
+class PolicySet:
+    """M policies on one vocabulary, evaluated together: `forward` returns log-probs [M(+1), N, V] for N rows
+    (the last block is π_ref when `with_ref`) and the caches to continue from.
+
+    Built from LoRA adapters on one base (`from_adapters`: one PEFT mixed-adapter batch of (M + ref)·N rows, one
+    KV cache) or from full models (`from_models`: one forward and one cache per model)."""
+
+    def __init__(self, models: list, adapter_names: list[str] | None, ref_model=None):
+        self.models, self.adapters, self.ref_model = models, adapter_names, ref_model
+        self.num_policies = len(adapter_names) if adapter_names is not None else len(models)
+
+    @classmethod
+    def from_adapters(cls, base, adapters: dict[str, str | Path]) -> "PolicySet":
+        from peft import PeftModel
+
+        names = list(adapters)
+        model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
+        for n in names[1:]:
+            model.load_adapter(str(adapters[n]), adapter_name=n)
+        return cls([model.eval()], names)
+
+    @classmethod
+    def from_models(cls, models: list, ref_model=None) -> "PolicySet":
+        vocab = {m.get_output_embeddings().weight.shape[0] for m in models + ([ref_model] if ref_model else [])}
+        if len(vocab) != 1:
+            raise ConfigError(f"MOD policies must share one vocabulary; their output sizes are {sorted(vocab)}.")
+        return cls([m.eval() for m in models], None, ref_model)
+
+    @property
+    def device(self):
+        return self.models[0].device
+
+    @property
+    def config(self):
+        return self.models[0].config
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, caches, with_ref: bool):
+        """ids/mask [N, L] are shared by all policies (they decode the same prefix); caches None on the prefill."""
+        from transformers import DynamicCache
+
+        pos = positions(mask)[:, -ids.shape[1]:]
+        if self.adapters is not None:
+            names = self.adapters + (["__base__"] if with_ref else [])
+            r = len(names)
+            model = self.models[0]
+            caches = caches if caches is not None else DynamicCache(config=model.config)
+            out = model(input_ids=ids.repeat(r, 1), attention_mask=mask.repeat(r, 1), position_ids=pos.repeat(r, 1),
+                        past_key_values=caches,
+                        use_cache=True, adapter_names=[n for n in names for _ in range(mask.shape[0])])
+            logp = torch.log_softmax(out.logits[:, -1].float(), -1).view(r, mask.shape[0], -1)
+            return logp, out.past_key_values
+        models = self.models + ([self.ref_model] if with_ref else [])
+        caches = caches or [DynamicCache(config=m.config) for m in models]
+        logps = []
+        for m, c in zip(models, caches):
+            out = m(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=c, use_cache=True)
+            logps.append(torch.log_softmax(out.logits[:, -1].float(), -1))
+        return torch.stack(logps), caches
+
+    def sequence_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, with_ref: bool) -> torch.Tensor:
+        """Teacher-forced log-probs [M(+1), N, L, V] at every position (for token-level distillation)."""
+        pos = positions(mask)
+        if self.adapters is not None:
+            names = self.adapters + (["__base__"] if with_ref else [])
+            r = len(names)
+            out = self.models[0](input_ids=ids.repeat(r, 1), attention_mask=mask.repeat(r, 1),
+                                 position_ids=pos.repeat(r, 1),
+                                 adapter_names=[n for n in names for _ in range(ids.shape[0])])
+            return torch.log_softmax(out.logits.float(), -1).view(r, *ids.shape, -1)
+        models = self.models + ([self.ref_model] if with_ref else [])
+        return torch.stack([torch.log_softmax(m(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float(),
+                                              -1) for m in models])
+
+
+@dataclass
+class Mod:
+    """The MOD decoder on the `Decoder` interface: token-by-token sampling from the combined distribution."""
+
+    policies: PolicySet
+    tokenizer: object
+    weights: list[float]
+    rule: str = "reverse_kl"
+    alpha: float = 0.5
+    jsd_approximation: bool = False  # the reference code's silent substitute: JSD decoded with the reverse-KL rule
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    system_prompt: str | None = None
+    batch_size: int = 8
+    ignore_eos: bool = False  # benchmarks: every response runs the full max_new_tokens
+    name: str = "mod"
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_weights(self.weights, self.policies.num_policies, self.rule)
+        if self.rule == "js" and not self.jsd_approximation and self.policies.adapters is None \
+                and self.policies.ref_model is None:
+            raise ConfigError("the JSD rule needs π_ref: pass ref_model (or LoRA adapters, whose base is π_ref), or "
+                              "set jsd_approximation to decode with the reverse-KL rule.")
+        self.effective_rule = "reverse_kl" if self.rule == "js" and self.jsd_approximation else self.rule
+        self.with_ref = self.effective_rule == "js"
+        stop = eos_ids(self.policies.models[0], self.tokenizer)
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop[0]
+        self.stop = torch.tensor([] if self.ignore_eos else stop, dtype=torch.long)
+
+    def combined(self, logps: torch.Tensor) -> torch.Tensor:
+        m = self.policies.num_policies
+        return combine(logps[:m], self.weights, self.effective_rule, self.alpha, logps[m] if self.with_ref else None)
+
+    def logprobs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The combined next-token log-distribution [N, L, V] at every position of given sequences: the
+        token-level distillation target."""
+        return torch.log_softmax(self.combined(self.policies.sequence_logprobs(ids, mask, self.with_ref)), -1)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], generator: torch.Generator | None = None, progress=None) -> list[Decoded]:
+        out: list[Decoded] = []
+        for i in range(0, len(prompts), self.batch_size):
+            out += self._batch(prompts[i : i + self.batch_size], generator)
+            if progress:
+                progress(len(out))
+        return out
+
+    def _batch(self, prompts, generator):
+        t0 = time.perf_counter()
+        dev = self.policies.device
+        stop = self.stop.to(dev)
+        prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"]
+                      for t in chat_texts(self.tokenizer, prompts, self.system_prompt)]
+        ids, mask = _left_pad(prompt_ids, self.pad, dev)
+        n = len(prompts)
+        logps, cache = self.policies.forward(ids, mask, None, self.with_ref)
+        rows = logps.shape[0]
+        tokens = torch.full((n, self.max_new_tokens), self.pad, dtype=torch.long, device=dev)
+        alive = torch.ones(n, dtype=torch.bool, device=dev)
+        steps = 0
+        for s in range(self.max_new_tokens):
+            nxt = next_tokens(self.combined(logps), self.greedy, self.temperature, self.top_k, self.top_p, generator)
+            nxt = torch.where(alive, nxt, torch.full_like(nxt, self.pad))
+            tokens[:, s] = nxt
+            steps = s + 1
+            mask = torch.cat([mask, alive.long()[:, None]], 1)
+            alive = alive & ~torch.isin(nxt, stop)
+            if not alive.any() or s == self.max_new_tokens - 1:
+                break
+            logps, cache = self.policies.forward(nxt[:, None], mask, cache, self.with_ref)
+        seconds = time.perf_counter() - t0
+        response_mask = mask[:, mask.shape[1] - steps:].bool()
+        out = []
+        for i in range(n):
+            kept = tokens[i, :steps][response_mask[i]].tolist()
+            text_ids = [t for t in kept if t not in set(stop.tolist())]
+            out.append(Decoded(prompts[i], self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+                               text_ids, not bool(alive[i]), None, [],
+                               {"policy_tokens": len(kept) * rows, "value_tokens": 0,
+                                "prefill_tokens": len(prompt_ids[i]) * rows, "seconds": seconds / n,
+                                "batch_prompts": n}))
+        return out

@@ -1,0 +1,68 @@
+"""Stage `evaluate`: compare methods decoded on the same held-out prompts — one table, plots, a self-contained HTML
+report and W&B runs (offline by default, one per method, grouped by the run).
+
+    python recipes/evaluate.py --config recipes/smollm2-mini-hh/pipeline.yaml \
+        --methods "[eval-rmod, eval-cd_uniform, eval-student-rmod]" --reference eval-pi_ref
+
+Writes <run_dir>/eval/{report.html, comparison.json, table.md, *.png}.
+"""
+
+import json
+from pathlib import Path
+
+from mocd_train.cli import run_stage
+from mocd_train.config import ConfigError, load_config
+from mocd_train.evaluation import compare
+from mocd_train.report import log_wandb, plot_distributions, plot_methods, plot_pareto, plot_traces, table_rows, \
+    write_html
+from mocd_train.rewards import Normalizer, parse_objectives
+from mocd_train.rundir import mark_complete, prepare_stage, stage_dir
+
+
+def load_method(run_dir, name):
+    from datasets import load_from_disk
+
+    path = stage_dir(run_dir, "teach") / name / "dataset"
+    if not path.is_dir():
+        raise ConfigError(f"method {name!r}: no teacher dataset at {path}; decode it with recipes/teach.py "
+                          "--split heldout first.")
+    return list(load_from_disk(str(path)))
+
+
+def main(argv=None):
+    # parse
+    cfg = load_config("evaluate", argv)
+    names = [s.name for s in parse_objectives(cfg.objectives)]
+    out = prepare_stage(cfg, cfg.name, cfg.overwrite)
+
+    # load
+    normalizer = Normalizer.load(stage_dir(cfg.run_dir, "rollouts") / "normalization.json")
+    tables = {m: load_method(cfg.run_dir, m) for m in [cfg.reference] + [m for m in cfg.methods if m != cfg.reference]}
+    for m, rows in tables.items():
+        missing = [g for g in names if f"reward_{g}" not in rows[0]]
+        if missing:
+            raise ConfigError(f"method {m!r} was scored without {missing}; re-decode it with this run's objectives.")
+
+    # compare + report
+    comparison = compare(tables, cfg.reference, names, normalizer)
+    rows = table_rows(comparison)
+    plots = [plot_methods(comparison, out / "methods.png"), plot_pareto(comparison, out / "pareto.png"),
+             plot_distributions(tables, names, normalizer, out / "distributions.png")]
+    trace = plot_traces(tables, names, out / "rmod_trace.png")
+    plots += [trace] if trace else []
+    samples = {m: rows_[: cfg.samples] for m, rows_ in tables.items()}
+    write_html(comparison, rows, plots, out / "report.html", f"{Path(cfg.run_dir).name}: comparison",
+               samples)
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
+    header = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+    (out / "table.md").write_text(header + "".join("| " + " | ".join(map(str, r.values())) + " |\n" for r in rows))
+    wandb_dirs = log_wandb(cfg, comparison, tables, plots) if cfg.report_to == "wandb" else []
+    mark_complete(out, {"report": str(out / "report.html"), "methods": list(tables), "wandb": wandb_dirs,
+                        "pareto_front": comparison["pareto_front"]})
+    print((out / "table.md").read_text())
+    print(f"report → {out / 'report.html'}")
+    return out
+
+
+if __name__ == "__main__":
+    run_stage(main)

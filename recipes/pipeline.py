@@ -1,0 +1,72 @@
+"""The whole pipeline of a setup, end to end: every step of the `pipeline:` list in its pipeline file, in order —
+rollouts → value → palette → policies → teachers → distillation → evaluation on the embedded default.
+
+    python recipes/pipeline.py --config recipes/smollm2-mini-hh/pipeline.yaml
+    python recipes/pipeline.py --config recipes/smollm2-mini-hh/pipeline.yaml --run_dir runs/mine --report_to none
+
+A step whose output is complete is skipped and a partial one resumes (each stage's own rule), so re-running after an
+interruption redoes only what is missing. Command-line keys (`--run_dir`, `--seed`, `--report_to`, `--device`, ...)
+apply to every step; "{run_dir}" in a step's value is replaced by the run directory. Writes <run_dir>/pipeline.json with each step's wall time.
+"""
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from mocd_train.cli import run_stage
+from mocd_train.config import CommonConfig, ConfigError, parse_overrides, pipeline_steps, read_yaml
+from mocd_train.rundir import atomic_write_json
+
+RECIPES = {"rollouts": "rollouts", "value": "train_value", "palette": "solve_palette", "policies": "train_policy",
+           "teach": "teach", "distill": "distill", "evaluate": "evaluate"}
+
+
+def recipe(stage: str):
+    path = Path(__file__).parent / f"{RECIPES[stage]}.py"
+    spec = importlib.util.spec_from_file_location(RECIPES[stage], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def as_args(values: dict) -> list[str]:
+    return [a for k, v in values.items()
+            for a in (f"--{k}", v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True).strip())]
+
+
+def main(argv=None):
+    import sys
+
+    config, overrides = parse_overrides(sys.argv[1:] if argv is None else argv)
+    if config is None:
+        raise ConfigError("--config: name a pipeline file, e.g. recipes/smollm2-mini-hh/pipeline.yaml.")
+    shared = set(CommonConfig.__dataclass_fields__)
+    bad = sorted(set(overrides) - shared)
+    if bad:
+        raise ConfigError(f"pipeline overrides apply to every step, so only shared keys are allowed "
+                          f"({', '.join(sorted(shared))}); got {bad}.")
+    steps = pipeline_steps(read_yaml(config), config)
+    run_dir = Path(overrides.get("run_dir") or read_yaml(config).get("run_dir", "runs/default"))
+    overrides = {**overrides, "run_dir": str(run_dir)}  # every step, stage files included, writes to this run
+    timings = []
+    t_all = time.perf_counter()
+    for i, (stage, step_config, extra) in enumerate(steps):
+        label = extra.get("name") or (Path(step_config).stem if step_config != config else stage)
+        print(f"\n=== [{i + 1}/{len(steps)}] {stage}: {label} ===", flush=True)
+        t0 = time.perf_counter()
+        extra = {k: v.replace("{run_dir}", str(run_dir)) if isinstance(v, str) else v for k, v in extra.items()}
+        recipe(stage).main(["--config", step_config, *as_args(extra), *as_args(overrides)])
+        timings.append({"step": i + 1, "stage": stage, "label": label, "seconds": round(time.perf_counter() - t0, 1)})
+        atomic_write_json(run_dir / "pipeline.json", {"config": config, "steps": timings,
+                                                      "seconds": round(time.perf_counter() - t_all, 1)})
+    total = time.perf_counter() - t_all
+    print("\n" + "\n".join(f"{t['step']:>2}. {t['stage']:<9} {t['label']:<28} {t['seconds']:>7.1f} s" for t in timings))
+    print(f"pipeline done in {total / 60:.1f} min → {run_dir}")
+    return json.loads((run_dir / "pipeline.json").read_text())
+
+
+if __name__ == "__main__":
+    run_stage(main)
