@@ -1,6 +1,6 @@
-"""Compare teacher datasets decoded on the same (held-out) prompts: per-objective normalised means, min over
-objectives of the means, mean per-prompt worst case, and — paired by prompt — each method's worst-case win rate
-vs π_ref and its worst-case difference vs the other methods, with standard errors. Prints JSON.
+"""Compare teacher datasets decoded on the same (held-out) prompts — `evaluation.compare` (per-objective means, worst
+cases, win rate vs π_ref with a bootstrap CI, Pareto front, cost) plus, paired by prompt, every method's worst-case
+difference vs every other method, with standard errors. Prints JSON (recipes/evaluate.py draws the report).
 
     python bench/teachers.py --run_dir runs/smollm2-mini-hh --reference eval-pi_ref \\
         --teachers eval-cd_uniform eval-best_of_k eval-cd_maximin eval-rmod-5 ...
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from mocd_train.evaluation import align, method_metrics, paired_comparison  # noqa: E402
+from mocd_train.evaluation import align, compare, paired_comparison  # noqa: E402
 from mocd_train.rewards import Normalizer  # noqa: E402
 
 
@@ -40,21 +40,12 @@ def main() -> None:
     def norm(rows):
         return normalizer(torch.tensor([[r[f"reward_{g}"] for g in names] for r in rows], dtype=torch.float64))
 
-    ref_rows = table(run_dir, args.reference)
-    methods = {args.reference: ref_rows} | {t: table(run_dir, t) for t in args.teachers}
-    out = {"objectives": names, "reference": args.reference, "methods": {}}
-    for name, rows in methods.items():
-        a, b = align(rows, ref_rows)
-        entry = method_metrics(norm(a), names)
-        if name != args.reference:
-            entry["vs_reference"] = paired_comparison(norm(a), norm(b))
-            entry["vs_others"] = {}
-            for other, other_rows in methods.items():
-                if other not in (name, args.reference):
-                    x, y = align(rows, other_rows)
-                    entry["vs_others"][other] = paired_comparison(norm(x), norm(y))
-        entry["policy_tokens_per_prompt"] = sum(r["cost_policy_tokens"] for r in a) / len(a)
-        out["methods"][name] = entry
+    tables = {args.reference: table(run_dir, args.reference)} | {t: table(run_dir, t) for t in args.teachers}
+    out = compare(tables, args.reference, names, normalizer)
+    for name, rows in tables.items():  # every pair of methods, paired by prompt
+        out["methods"][name]["vs_others"] = {
+            other: paired_comparison(*map(norm, align(rows, other_rows)))
+            for other, other_rows in tables.items() if other not in (name, args.reference) and name != args.reference}
     print(json.dumps(out, indent=2))
 
 

@@ -89,8 +89,8 @@ def main(argv=None):
                    "resumed_from": last, "losses": [h["loss"] for h in logs]}
         mark_complete(out, summary)
         shutil.rmtree(ckpt, ignore_errors=True)
-        print(f"student {name}: {len(train)} rows, {trainer.state.global_step} steps in {seconds:.0f} s; held-out "
-              f"teacher log-likelihood {metrics} → {path}")
+        print(f"student {name}: {len(train)} rows, {trainer.state.global_step} steps in {seconds:.0f} s; "
+              + "; ".join(f"{k} {v}" for k, v in metrics.items()) + f" → {path}")
     state.wait_for_everyone()
     return out
 

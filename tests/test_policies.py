@@ -25,6 +25,12 @@ def policy_args(run_dir, lm, *extra, objectives=OBJECTIVES):
             "--report_to", "none", "--logging_steps", "1", *extra]
 
 
+def rewards_rose(summary, n=4, by=0.5):
+    """The mean logged reward of the last n steps beats the first n's by `by` (normalised units)."""
+    r = summary["rewards"]
+    return sum(r[-n:]) / n > sum(r[:n]) / n + by
+
+
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "js", "alpha"])
 def test_dpo_margin_grows_for_every_divergence(divergence, tiny_lm, tmp_path):
     synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=32)
@@ -137,12 +143,6 @@ def test_clear_errors(extra, match, tiny_lm, tmp_path):
         synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=4)
     with pytest.raises(ConfigError, match=match):
         recipe("train_policy").main(policy_args(tmp_path, tiny_lm, *extra))
-
-
-def rewards_rose(summary, n=4, by=0.5):
-    """The mean logged reward of the last n steps beats the first n's by `by` (normalised units)."""
-    r = summary["rewards"]
-    return sum(r[-n:]) / n > sum(r[:n]) / n + by
 
 
 def test_ppo_raises_a_learnable_reward(tiny_lm, tmp_path):

@@ -33,6 +33,17 @@ class Decoded:
 Rule = Callable[[torch.Tensor, torch.Generator | None], tuple[torch.Tensor, list[dict]]]
 
 
+def in_batches(prompts: list[str], batch_size: int, decode: Callable[[list[str]], list[Decoded]],
+               progress: Callable[[int], None] | None = None) -> list[Decoded]:
+    """The one batching loop every decoder shares: `decode` each slice of prompts, report progress."""
+    out: list[Decoded] = []
+    for i in range(0, len(prompts), batch_size):
+        out += decode(prompts[i : i + batch_size])
+        if progress:
+            progress(len(out))
+    return out
+
+
 def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -80,12 +91,7 @@ class BlockEngine:
     @torch.no_grad()
     def generate(self, prompts: list[str], rule: Rule, generator: torch.Generator | None = None,
                  progress: Callable[[int], None] | None = None) -> list[Decoded]:
-        out: list[Decoded] = []
-        for i in range(0, len(prompts), self.batch_size):
-            out += self._batch(prompts[i : i + self.batch_size], rule, generator)
-            if progress:
-                progress(len(out))
-        return out
+        return in_batches(prompts, self.batch_size, lambda batch: self._batch(batch, rule, generator), progress)
 
     # -------------------------------------------------------------------------------------------------- batch
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mocd_train.data import sample_responses
-from mocd_train.decoding.engine import Decoded
+from mocd_train.decoding.engine import Decoded, in_batches
 from mocd_train.rewards import RewardSet
 
 
@@ -38,12 +38,7 @@ class MapD:
     def generate(self, prompts: list[str], generator: torch.Generator | None = None, progress=None) -> list[Decoded]:
         """One response per prompt; `values` holds its raw reward vector, the trace the k candidates' rewards and
         their selection probabilities. Sampling draws from the global torch RNG (seeded by the caller)."""
-        out: list[Decoded] = []
-        for i in range(0, len(prompts), self.batch_size):
-            out += self._batch(prompts[i : i + self.batch_size], generator)
-            if progress:
-                progress(len(out))
-        return out
+        return in_batches(prompts, self.batch_size, lambda batch: self._batch(batch, generator), progress)
 
     def _batch(self, prompts, generator):
         t0 = time.perf_counter()

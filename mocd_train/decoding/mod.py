@@ -19,7 +19,7 @@ import torch
 
 from mocd_train.config import ConfigError
 from mocd_train.data import chat_texts, eos_ids
-from mocd_train.decoding.engine import Decoded, _left_pad, positions, sample_tokens
+from mocd_train.decoding.engine import Decoded, _left_pad, in_batches, positions, sample_tokens
 
 RULES = ("reverse_kl", "forward_kl", "js", "alpha")
 LOG2 = math.log(2.0)
@@ -201,12 +201,7 @@ class Mod:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator | None = None, progress=None) -> list[Decoded]:
-        out: list[Decoded] = []
-        for i in range(0, len(prompts), self.batch_size):
-            out += self._batch(prompts[i : i + self.batch_size], generator)
-            if progress:
-                progress(len(out))
-        return out
+        return in_batches(prompts, self.batch_size, lambda batch: self._batch(batch, generator), progress)
 
     def _batch(self, prompts, generator):
         t0 = time.perf_counter()
