@@ -228,10 +228,10 @@ class Mod:
             logps, cache = self.policies.forward(nxt[:, None], mask, cache, self.with_ref)
         seconds = time.perf_counter() - t0
         response_mask = mask[:, mask.shape[1] - steps:].bool()
-        out = []
+        out, stop_set = [], set(stop.tolist())
         for i in range(n):
             kept = tokens[i, :steps][response_mask[i]].tolist()
-            text_ids = [t for t in kept if t not in set(stop.tolist())]
+            text_ids = [t for t in kept if t not in stop_set]
             out.append(Decoded(prompts[i], self.tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
                                text_ids, not bool(alive[i]), None, [],
                                {"policy_tokens": len(kept) * rows, "value_tokens": 0,
