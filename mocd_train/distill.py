@@ -13,15 +13,7 @@ import torch
 
 from mocd_train.config import ConfigError
 from mocd_train.rewards import Normalizer
-
-
-def teacher_dir(run_dir: str | Path, name: str) -> Path:
-    path = Path(run_dir) / "teach" / name / "dataset"
-    path = path if path.is_dir() else Path(name)
-    if not path.is_dir():
-        raise ConfigError(f"teacher {name!r}: no dataset at {Path(run_dir) / 'teach' / name / 'dataset'} and not a "
-                          "dataset folder; decode it first with recipes/teach.py.")
-    return path
+from mocd_train.rundir import teacher_dataset
 
 
 def _unit(text: str, salt: str) -> float:
@@ -37,7 +29,7 @@ def mix_teachers(run_dir, teachers: dict[str, float], names: list[str], normaliz
 
     rows, stats = [], {"teachers": {}}
     for name, share in teachers.items():
-        data = load_from_disk(str(teacher_dir(run_dir, name)))
+        data = load_from_disk(str(teacher_dataset(run_dir, name)))
         missing = [f"reward_{g}" for g in names if f"reward_{g}" not in data.column_names]
         if missing or not {"prompt", "response"} <= set(data.column_names):
             raise ConfigError(f"teacher {name!r} lacks columns {missing or ['prompt', 'response']}; it was decoded "
@@ -80,27 +72,22 @@ def split_heldout(rows: list[dict], fraction: float, seed: int = 0) -> tuple[lis
 
 
 @torch.no_grad()
-def response_logprob(model, tokenizer, rows: list[dict], system_prompt: str | None = None,
-                     batch_size: int = 8) -> float:
-    """Mean per-token log-likelihood of the teacher responses under `model` (prompt in the chat template)."""
-    from mocd_train.data import chat_texts
-    from mocd_train.decoding.engine import _left_pad, positions
+def response_logprob(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> float:
+    """Mean per-token log-likelihood under `model` of the tokens the training loss covers (`completion_examples`)."""
+    from mocd_train.decoding.engine import positions
+    from mocd_train.policies import pad_examples
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i : i + batch_size]
-        prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
-                   for t in chat_texts(tokenizer, [r["prompt"] for r in batch], system_prompt)]
-        responses = [tokenizer(r["response"], add_special_tokens=False)["input_ids"] for r in batch]
-        ids, mask = _left_pad([p + r for p, r in zip(prompts, responses)], tokenizer.pad_token_id or 0, device)
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in pad_examples(examples[i : i + batch_size], pad_id).items()}
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float(),
                                  -1)
-        token_lp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-        for j, r in enumerate(responses):
-            n = len(r)
-            total += float(token_lp[j, -n:].sum())
-            count += n
+        token_lp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # position t predicts token t + 1
+        weight = batch["completion_mask"][:, 1:].to(token_lp.dtype)
+        total += float((token_lp * weight).sum())
+        count += int(weight.sum())
     return total / max(count, 1)
 
 
@@ -135,21 +122,6 @@ def export_student(model, tokenizer, out: Path, card: str, provenance: dict) -> 
     return out
 
 
-def kl_examples(rows: list[dict], tokenizer, system_prompt: str | None, max_length: int) -> list[dict]:
-    """(prompt, response) → token ids of the chat-formatted prompt + response and a mask of the response tokens."""
-    from mocd_train.data import chat_texts
-
-    out = []
-    for r in rows:
-        prompt = tokenizer(chat_texts(tokenizer, [r["prompt"]], system_prompt)[0], add_special_tokens=False)["input_ids"]
-        response = list(r["response_ids"]) if r.get("response_ids") else \
-            tokenizer(r["response"], add_special_tokens=False)["input_ids"]
-        ids = (prompt + response)[-max_length:]
-        mask = ([0] * len(prompt) + [1] * len(response))[-max_length:]
-        out.append({"input_ids": ids, "response_mask": mask})
-    return out
-
-
 def token_kl_trainer(cfg, student, tokenizer, examples: list[dict], teacher, out: Path):
     """Token-level distillation from MOD (ALGORITHMS.md §7): on the teacher's own samples, minimise
     KL(p_MOD(·|x, y_<t) ‖ p_student(·|x, y_<t)) summed over response positions; p_MOD is `teacher.logprobs`, the
@@ -158,29 +130,19 @@ def token_kl_trainer(cfg, student, tokenizer, examples: list[dict], teacher, out
     from transformers import Trainer, TrainingArguments
 
     from mocd_train.decoding.engine import positions
-    from mocd_train.policies import common_args, lora_config
+    from mocd_train.policies import common_args, lora_config, pad_examples
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def collate(batch):
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        resp = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):  # right padding; positions come from the mask
-            n = len(b["input_ids"])
-            ids[i, :n], mask[i, :n], resp[i, :n] = torch.tensor(b["input_ids"]), 1, torch.tensor(b["response_mask"])
-        return {"input_ids": ids, "attention_mask": mask, "response_mask": resp}
-
     class KLTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids, mask, resp = inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"]
+            ids, mask, completion = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
             with torch.no_grad():
                 target = teacher.logprobs(ids, mask).to(logits.device)
             student_lp = torch.log_softmax(logits, -1)
             kl = (target.exp() * (target - student_lp)).sum(-1)[:, :-1]  # position t predicts token t + 1
-            weight = resp[:, 1:].float()
+            weight = completion[:, 1:].float()
             loss = (kl * weight).sum() / weight.sum().clamp(min=1)
             return (loss, logits) if return_outputs else loss
 
@@ -190,7 +152,8 @@ def token_kl_trainer(cfg, student, tokenizer, examples: list[dict], teacher, out
         student = get_peft_model(student, lora_config(cfg))
     student.train()
     args = TrainingArguments(**common_args(cfg, out, "distill"))
-    return KLTrainer(model=student, args=args, train_dataset=Dataset.from_list(examples), data_collator=collate)
+    return KLTrainer(model=student, args=args, train_dataset=Dataset.from_list(examples),
+                     data_collator=lambda batch: pad_examples(batch, pad))
 
 
 def mod_teacher(run_dir, name: str, tokenizer, policy):

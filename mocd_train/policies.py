@@ -46,6 +46,8 @@ def preference_pairs(rows, names: list[str], normalizer: Normalizer, weights: li
         pairs.append({"prompt": _user(group[0]["prompt"], system_prompt),
                       "chosen": [{"role": "assistant", "content": group[best]["response"]}],
                       "rejected": [{"role": "assistant", "content": group[worst]["response"]}],
+                      "chosen_finished": bool(group[best].get("finished", True)),
+                      "rejected_finished": bool(group[worst].get("finished", True)),
                       "score_margin": float(score[best] - score[worst])})
     if not pairs:
         raise ConfigError(f"no preference pairs: all {skipped} prompts have responses within pair_margin {margin} "
@@ -53,10 +55,39 @@ def preference_pairs(rows, names: list[str], normalizer: Normalizer, weights: li
     return pairs, {"pairs": len(pairs), "prompts_without_pair": skipped}
 
 
-def sft_examples(rows, system_prompt: str | None = None) -> list[dict]:
-    """(prompt, response) rows → TRL prompt/completion examples (loss on the completion only)."""
-    return [{"prompt": _user(r["prompt"], system_prompt), "completion": [{"role": "assistant", "content": r["response"]}]}
-            for r in rows]
+def completion_examples(rows, tokenizer, system_prompt: str | None = None,
+                        max_length: int | None = None) -> list[dict]:
+    """(prompt, response) rows → token ids and a `completion_mask` (the tokens with a loss), for SFT and
+    distillation: the chat-formatted prompt, the response's own token ids when they are this tokenizer's (nothing
+    re-tokenised differently), then EOS only where the response finished. A response cut at max_new_tokens must
+    not teach the model to stop mid-sentence, as the chat template's closing tag after every answer would."""
+    from mocd_train.data import chat_texts
+
+    out = []
+    for r in rows:
+        prompt = tokenizer(chat_texts(tokenizer, [r["prompt"]], system_prompt)[0],
+                           add_special_tokens=False)["input_ids"]
+        response = list(r.get("response_ids") or [])
+        if tokenizer.decode(response, skip_special_tokens=True) != r["response"]:  # another model's ids, or none
+            response = tokenizer(r["response"], add_special_tokens=False)["input_ids"]
+        if r.get("finished", True) and tokenizer.eos_token_id is not None:
+            response.append(tokenizer.eos_token_id)
+        ids = (prompt + response)[:max_length]
+        if len(ids) > len(prompt):  # else the prompt alone fills max_length: nothing to learn
+            out.append({"input_ids": ids, "completion_mask": [0] * len(prompt) + [1] * (len(ids) - len(prompt))})
+    return out
+
+
+def pad_examples(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of `completion_examples`; positions come from the attention mask."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    completion = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n], mask[i, :n], completion[i, :n] = torch.tensor(b["input_ids"]), 1, torch.tensor(b["completion_mask"])
+    return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}
 
 
 def lora_config(cfg):
@@ -88,11 +119,36 @@ def dpo_trainer(cfg, model, tokenizer, pairs: list[dict], out: Path):
     args = DPOConfig(**common_args(cfg, out), beta=cfg.beta, loss_type=[cfg.loss_type],
                      f_divergence_type=DIVERGENCES[cfg.divergence], f_alpha_divergence_coef=cfg.alpha,
                      max_length=cfg.max_length)
-    return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
-                      peft_config=lora_config(cfg) if cfg.use_lora else None)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+                         peft_config=lora_config(cfg) if cfg.use_lora else None)
+    suffix = end_of_turn(tokenizer)
+    if suffix:  # TRL closes every answer with the template's end of turn; a cut answer's likelihood has none
+        def strip(ex):
+            out = {}
+            for side in ("chosen", "rejected"):
+                ids = ex[f"{side}_ids"]
+                cut = not ex[f"{side}_finished"] and ids[-len(suffix):] == suffix
+                out[f"{side}_ids"] = ids[: -len(suffix)] if cut else ids
+            return out
+
+        trainer.train_dataset = trainer.train_dataset.map(strip)
+    return trainer
+
+
+def end_of_turn(tokenizer) -> list[int]:
+    """The token ids the chat template puts after an assistant message (e.g. `<|im_end|>`, `\\n`)."""
+    if not tokenizer.chat_template:
+        return []
+    user = [{"role": "user", "content": "x"}]
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "y"}], tokenize=False)
+    if not full.startswith(prompt + "y"):
+        return []
+    return tokenizer(full[len(prompt) + 1:], add_special_tokens=False)["input_ids"]
 
 
 def sft_trainer(cfg, model, tokenizer, examples: list[dict], out: Path, stage: str = "policies"):
+    """TRL's SFT on `completion_examples` (already tokenised: TRL builds the labels from the completion mask)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 

@@ -23,6 +23,16 @@ def stage_dir(run_dir: str | Path, stage: str) -> Path:
     return Path(run_dir) / stage
 
 
+def teacher_dataset(run_dir: str | Path, name: str) -> Path:
+    """A teacher's (prompt, response) dataset: teach/<name>/dataset of the run, or a dataset folder given as a path."""
+    path = stage_dir(run_dir, "teach") / name / "dataset"
+    path = path if path.is_dir() else Path(name)
+    if not path.is_dir():
+        raise ConfigError(f"teacher {name!r}: no dataset at {stage_dir(run_dir, 'teach') / name / 'dataset'} and not a "
+                          "dataset folder; decode it first with recipes/teach.py.")
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

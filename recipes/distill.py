@@ -16,10 +16,10 @@ import time
 from mocd_train.cli import run_stage
 from mocd_train.config import load_config
 from mocd_train.data import rollouts_config
-from mocd_train.distill import (export_student, kl_examples, mix_teachers, mod_teacher, model_card, response_logprob,
-                                split_heldout, token_kl_trainer)
+from mocd_train.distill import (export_student, mix_teachers, mod_teacher, model_card, response_logprob, split_heldout,
+                                token_kl_trainer)
 from mocd_train.models import load_causal_lm, process_state, resolve_device
-from mocd_train.policies import sft_examples, sft_trainer
+from mocd_train.policies import completion_examples, sft_trainer
 from mocd_train.rewards import Normalizer, parse_objectives
 from mocd_train.rundir import is_complete, mark_complete, prepare_stage, stage_dir
 
@@ -48,18 +48,20 @@ def main(argv=None):
 
     set_seed(cfg.seed)
     student, tokenizer = load_causal_lm(student_name, device, cfg.dtype, cfg.cache_dir)
-    before = response_logprob(student, tokenizer, held, system_prompt) if held else None
+    train_examples = completion_examples(train, tokenizer, system_prompt, cfg.max_length)
+    held_examples = completion_examples(held, tokenizer, system_prompt, cfg.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    before = response_logprob(student, held_examples, pad_id) if held_examples else None
 
     # train
     from transformers.trainer_utils import get_last_checkpoint
 
     if cfg.loss == "sft":
-        trainer = sft_trainer(cfg, student, tokenizer, sft_examples(train, system_prompt), out, "distill")
+        trainer = sft_trainer(cfg, student, tokenizer, train_examples, out, "distill")
     else:  # token-level KL to MOD's combined distribution; its policies sit on a second copy of π_ref
         reference, _ = load_causal_lm(cfg.model, device, cfg.dtype, cfg.cache_dir)
         teacher = mod_teacher(cfg.run_dir, next(iter(cfg.teachers)), tokenizer, reference)
-        trainer = token_kl_trainer(cfg, student, tokenizer, kl_examples(train, tokenizer, system_prompt,
-                                                                        cfg.max_length), teacher, out)
+        trainer = token_kl_trainer(cfg, student, tokenizer, train_examples, teacher, out)
     ckpt = out / "checkpoints"
     last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
     t0 = time.perf_counter()
@@ -75,9 +77,9 @@ def main(argv=None):
             model.save_pretrained(out / "adapter")
             model = model.merge_and_unload()
         model.eval()
-        after = response_logprob(model, tokenizer, held, system_prompt) if held else None
+        after = response_logprob(model, held_examples, pad_id) if held_examples else None
         metrics = {"held-out teacher log-likelihood per token (before → after)":
-                   f"{before:.3f} → {after:.3f}" if held else "n/a"}
+                   f"{before:.3f} → {after:.3f}" if held_examples else "n/a"}
         provenance = {"student": student_name, "teachers": cfg.teachers, "objectives": names, "mix": stats,
                       "teacher_params": _teacher_params(cfg.run_dir, cfg.teachers)}
         path = export_student(model, tokenizer, out / "student",

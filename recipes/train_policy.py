@@ -15,16 +15,18 @@ import shutil
 import time
 from pathlib import Path
 
+from datasets import load_from_disk
+
 from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
-from mocd_train.config import ConfigError, load_config
+from mocd_train.config import load_config
 from mocd_train.data import load_rollouts, rollouts_config
 from mocd_train.models import load_causal_lm, process_state, resolve_device
 from mocd_train.palette import load_palette
-from mocd_train.policies import (dpo_trainer, fixed_reward, grpo_trainer, objective_weights, ppo_trainer,
-                                 preference_pairs, save_policy, sft_examples, sft_trainer)
+from mocd_train.policies import (completion_examples, dpo_trainer, fixed_reward, grpo_trainer, objective_weights,
+                                 ppo_trainer, preference_pairs, save_policy, sft_trainer)
 from mocd_train.rewards import RewardSet, parse_objectives
-from mocd_train.rundir import is_complete, mark_complete, prepare_stage, stage_dir
+from mocd_train.rundir import is_complete, mark_complete, prepare_stage, teacher_dataset
 from mocd_train.values import check_objectives
 
 
@@ -69,7 +71,9 @@ def main(argv=None):
                                         ro.get("system_prompt"))
         trainer = dpo_trainer(cfg, policy, tokenizer, pairs, out)
     elif cfg.method == "sft":
-        trainer = sft_trainer(cfg, policy, tokenizer, sft_examples(_sft_rows(cfg), ro.get("system_prompt")), out)
+        rows = list(load_from_disk(str(teacher_dataset(cfg.run_dir, cfg.sft_dataset))))
+        trainer = sft_trainer(cfg, policy, tokenizer, completion_examples(rows, tokenizer, ro.get("system_prompt"),
+                                                                          cfg.max_length), out)
     else:
         prompts = load_prompts(ro["prompt_sources"], "train", ro["heldout_fraction"], cfg.max_prompts,
                                ro["prompts_file"])
@@ -112,17 +116,6 @@ def main(argv=None):
         print(f"policy {name}: {trainer.state.global_step} steps in {summary['train_seconds']:.0f} s → {out}")
     state.wait_for_everyone()
     return out
-
-
-def _sft_rows(cfg):
-    from datasets import load_from_disk
-
-    path = stage_dir(cfg.run_dir, "teach") / cfg.sft_dataset / "dataset"
-    path = path if path.is_dir() else Path(cfg.sft_dataset)
-    if not path.is_dir():
-        raise ConfigError(f"sft_dataset: {cfg.sft_dataset!r} is neither a teacher under {stage_dir(cfg.run_dir, 'teach')}"
-                          " nor a dataset folder.")
-    return list(load_from_disk(str(path)))
 
 
 if __name__ == "__main__":

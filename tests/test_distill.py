@@ -91,6 +91,35 @@ def test_mixing_deduplication_and_filtering(tiny_lm, tmp_path):
         mix_teachers(tmp_path, {"nope": 1.0}, OBJECTIVES, norm)
 
 
+def test_completion_examples_end_only_finished_responses_and_train_as_built(tiny_lm, tmp_path):
+    """A response cut at max_new_tokens gets no EOS (the student must not learn to stop mid-sentence); a finished one
+    does; the decoder's own ids are kept; TRL trains on exactly these tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mocd_train.config import load_config
+    from mocd_train.policies import completion_examples, sft_trainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    text = "Birds like seeds"
+    own = tok(text, add_special_tokens=False)["input_ids"]
+    rows = [{"prompt": "q1", "response": text, "response_ids": own, "finished": True},
+            {"prompt": "q2", "response": text, "response_ids": own, "finished": False},
+            {"prompt": "q3", "response": text, "response_ids": [7, 7, 7], "finished": False},  # another model's ids
+            {"prompt": "q4", "response": text}]  # a plain (prompt, response) dataset: complete answers
+    done, cut, foreign, plain = completion_examples(rows, tok)
+    completion = lambda ex: [i for i, m in zip(ex["input_ids"], ex["completion_mask"]) if m]  # noqa: E731
+    assert completion(done) == own + [tok.eos_token_id]
+    assert completion(cut) == own and completion(foreign) == own and completion(plain) == own + [tok.eos_token_id]
+    prompt_len = len(done["input_ids"]) - len(own) - 1
+    assert completion_examples(rows[:1], tok, max_length=prompt_len) == []  # the prompt alone fills max_length
+
+    cfg = load_config("distill", distill_args(tmp_path, tiny_lm, "--teachers", "{t: 1.0}"))
+    trainer = sft_trainer(cfg, AutoModelForCausalLM.from_pretrained(tiny_lm), tok, [done, cut], tmp_path / "sft")
+    for ex, built in zip(trainer.train_dataset, [done, cut]):
+        assert ex["input_ids"] == built["input_ids"]
+        assert [t for t in ex["labels"] if t != -100] == completion(built)
+
+
 @pytest.mark.parametrize("extra,match", [
     ([], "teachers"),
     (["--teachers", "{a: 2.0}"], "share"),

@@ -66,6 +66,29 @@ def test_preference_pairs_take_best_and_worst_by_weighted_normalised_reward(tiny
         preference_pairs(rows, OBJECTIVES, norm, [1.0, 0.0], margin=1e9)
 
 
+def test_dpo_closes_only_finished_answers(tiny_lm, tmp_path):
+    """TRL ends every answer with the template's end of turn; an answer cut at max_new_tokens must not have it, or
+    DPO would train the stop token on text that did not stop."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mocd_train.config import load_config
+    from mocd_train.policies import dpo_trainer, end_of_turn
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    suffix = end_of_turn(tok)
+    assert tok.decode(suffix) == "<|im_end|>\n"  # the tiny ChatML template
+    user = [{"role": "user", "content": "q"}]
+    pairs = [{"prompt": user, "chosen": [{"role": "assistant", "content": "good answer"}],
+              "rejected": [{"role": "assistant", "content": "bad answer"}],
+              "chosen_finished": finished, "rejected_finished": not finished, "score_margin": 1.0}
+             for finished in (True, False)]
+    cfg = load_config("policies", policy_args(tmp_path, tiny_lm, "--method", "dpo", "--objective", "readability"))
+    data = dpo_trainer(cfg, AutoModelForCausalLM.from_pretrained(tiny_lm), tok, pairs, tmp_path / "dpo").train_dataset
+    answer = tok("good answer", add_special_tokens=False)["input_ids"]
+    assert data[0]["chosen_ids"] == answer + suffix and data[1]["chosen_ids"] == answer
+    assert data[0]["rejected_ids"][-len(suffix):] != suffix and data[1]["rejected_ids"][-len(suffix):] == suffix
+
+
 def test_grpo_raises_a_learnable_reward(tiny_lm, tmp_path):
     synthetic_rollouts(tmp_path, tiny_lm, ("brevity", "positivity"), num_prompts=16)
     out = recipe("train_policy").main(policy_args(
