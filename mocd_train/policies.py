@@ -68,8 +68,9 @@ def completion_examples(rows, tokenizer, system_prompt: str | None = None,
         prompt = tokenizer(chat_texts(tokenizer, [r["prompt"]], system_prompt)[0],
                            add_special_tokens=False)["input_ids"]
         response = list(r.get("response_ids") or [])
-        if tokenizer.decode(response, skip_special_tokens=True) != r["response"]:  # another model's ids, or none
-            response = tokenizer(r["response"], add_special_tokens=False)["input_ids"]
+        text = r["response"]
+        if tokenizer.decode(response, skip_special_tokens=True).strip() != text.strip():  # another tokenizer's, none
+            response = tokenizer(text, add_special_tokens=False)["input_ids"]
         if r.get("finished", True) and tokenizer.eos_token_id is not None:
             response.append(tokenizer.eos_token_id)
         ids = (prompt + response)[:max_length]
