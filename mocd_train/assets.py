@@ -197,7 +197,8 @@ def _truthfulqa() -> list[Prompt]:
 PROMPT_SOURCES = {"chatterbot": _chatterbot, "donotanswer": _donotanswer, "truthfulqa": _truthfulqa}
 
 
-def _unit_hash(text: str, salt: str = "") -> float:
+def unit_hash(text: str, salt: str = "") -> float:
+    """A number in [0, 1) fixed by the text: seeded subsets and splits that do not depend on order or count."""
     return int(hashlib.sha256((salt + text).encode()).hexdigest()[:15], 16) / 16**15
 
 
@@ -205,7 +206,7 @@ def split_of(prompt: Prompt | str, heldout_fraction: float, salt: str = "split:"
     """Deterministic split by a hash of the text: stable across versions, orderings and prompt-set sizes. Another
     `salt` gives a split independent of this one (e.g. a validation split inside the train prompts)."""
     text = prompt.text if isinstance(prompt, Prompt) else prompt
-    return "heldout" if _unit_hash(text, salt) < heldout_fraction else "train"
+    return "heldout" if unit_hash(text, salt) < heldout_fraction else "train"
 
 
 def load_prompts(
@@ -230,7 +231,7 @@ def load_prompts(
     if prompts_file:  # the user's order is kept
         queues = list(per_source.values())
     else:  # a fixed pseudo-random order that does not depend on the packages' file order
-        queues = [sorted(ps, key=lambda p: _unit_hash(p.text, "order:")) for ps in per_source.values()]
+        queues = [sorted(ps, key=lambda p: unit_hash(p.text, "order:")) for ps in per_source.values()]
     out = []  # round-robin over sources so any prefix of the list is balanced
     for i in range(max(map(len, queues), default=0)):
         out.extend(q[i] for q in queues if i < len(q))

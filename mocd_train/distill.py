@@ -3,7 +3,6 @@ that deploys without mocd_train (weights, tokenizer with its chat template, gene
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,13 +10,10 @@ from pathlib import Path
 
 import torch
 
+from mocd_train.assets import unit_hash
 from mocd_train.config import ConfigError
 from mocd_train.rewards import Normalizer
 from mocd_train.rundir import teacher_dataset
-
-
-def _unit(text: str, salt: str) -> float:
-    return int(hashlib.sha256((salt + text).encode()).hexdigest()[:12], 16) / 16**12
 
 
 def mix_teachers(run_dir, teachers: dict[str, float], names: list[str], normalizer: Normalizer, seed: int = 0,
@@ -34,7 +30,7 @@ def mix_teachers(run_dir, teachers: dict[str, float], names: list[str], normaliz
         if missing or not {"prompt", "response"} <= set(data.column_names):
             raise ConfigError(f"teacher {name!r} lacks columns {missing or ['prompt', 'response']}; it was decoded "
                               "for other objectives or is not a teacher dataset.")
-        kept = [dict(r, teacher=name) for r in data if _unit(r["prompt"], f"{seed}:{name}") < share]
+        kept = [dict(r, teacher=name) for r in data if unit_hash(r["prompt"], f"{seed}:{name}") < share]
         stats["teachers"][name] = {"rows": len(data), "kept": len(kept)}
         rows += kept
     if deduplicate:
@@ -66,9 +62,8 @@ def mix_teachers(run_dir, teachers: dict[str, float], names: list[str], normaliz
 
 def split_heldout(rows: list[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """By prompt (a salted hash), so the held-out likelihood measures generalisation to new prompts."""
-    held = [r for r in rows if _unit(r["prompt"], f"heldout:{seed}") < fraction]
-    train = [r for r in rows if _unit(r["prompt"], f"heldout:{seed}") >= fraction]
-    return train, held
+    held = [unit_hash(r["prompt"], f"heldout:{seed}") < fraction for r in rows]
+    return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
 
 
 @torch.no_grad()

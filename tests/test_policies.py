@@ -6,7 +6,7 @@ import torch
 from mocd_train.config import ConfigError
 from mocd_train.rewards.base import register
 from mocd_train.tiny import synthetic_rollouts
-from test_rollouts import recipe
+from test_rollouts import killed_at, recipe
 
 OBJECTIVES = ["readability", "positivity"]
 
@@ -260,7 +260,6 @@ def test_dpo_with_lora_under_deepspeed_zero2_launch(tiny_lm, tmp_path):
 
 def test_killed_dpo_run_resumes_to_the_uninterrupted_result(tiny_lm, tmp_path, monkeypatch):
     from safetensors.torch import load_file
-    from transformers import TrainerCallback
 
     extra = ("--method", "dpo", "--objective", "readability", "--learning_rate", "2e-3", "--max_steps", "8",
              "--save_steps", "4", "--per_device_train_batch_size", "4")
@@ -269,13 +268,9 @@ def test_killed_dpo_run_resumes_to_the_uninterrupted_result(tiny_lm, tmp_path, m
     train_policy = recipe("train_policy")
     whole = train_policy.main(policy_args(tmp_path / "a", tiny_lm, *extra))
 
-    class Killed(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 6:  # after the checkpoint at step 4
-                raise KeyboardInterrupt
-
     real = train_policy.dpo_trainer
-    monkeypatch.setattr(train_policy, "dpo_trainer", lambda *a, **kw: _with(real(*a, **kw), Killed()))
+    killed = killed_at(6)  # after the checkpoint at step 4
+    monkeypatch.setattr(train_policy, "dpo_trainer", lambda *a, **kw: _with(real(*a, **kw), killed))
     with pytest.raises(KeyboardInterrupt):
         train_policy.main(policy_args(tmp_path / "b", tiny_lm, *extra))
     monkeypatch.setattr(train_policy, "dpo_trainer", real)

@@ -21,6 +21,18 @@ def recipe(name):
     return module
 
 
+def killed_at(step):
+    """A trainer callback that interrupts training after `step`, as a crash or Ctrl-C would."""
+    from transformers import TrainerCallback
+
+    class Killed(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise KeyboardInterrupt
+
+    return Killed()
+
+
 def args(tiny_lm, run_dir, *extra):
     return ["--run_dir", str(run_dir), "--model", tiny_lm, "--objectives", "[non_toxicity, readability]",
             "--report_to", "none", "--max_prompts", "9", "--chunk_size", "2", "--num_samples", "3",

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from test_rollouts import recipe
+from test_rollouts import killed_at, recipe
 
 from mocd_train.config import ConfigError
 from mocd_train.rewards import Normalizer
@@ -111,8 +111,6 @@ def test_learns_a_synthetic_token_objective(tiny_lm, tmp_path):
 
 
 def test_resumed_training_equals_uninterrupted(tiny_lm, tmp_path, monkeypatch):
-    from transformers import TrainerCallback
-
     import mocd_train.values as values
 
     synthetic_rollouts(tmp_path / "a", tiny_lm, tuple(OBJECTIVES), num_prompts=32)
@@ -120,11 +118,6 @@ def test_resumed_training_equals_uninterrupted(tiny_lm, tmp_path, monkeypatch):
     extra = ("--num_train_epochs", "3", "--save_steps", "5")
     train_value = recipe("train_value")
     whole = train_value.main(train_args(tmp_path / "a", tiny_lm, *extra))
-
-    class Killed(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 8:  # after the checkpoint at step 5
-                raise KeyboardInterrupt
 
     real = values.value_trainer_class
 
@@ -134,7 +127,7 @@ def test_resumed_training_equals_uninterrupted(tiny_lm, tmp_path, monkeypatch):
         class Dies(cls):
             def __init__(self, *a, **kw):
                 super().__init__(*a, **kw)
-                self.add_callback(Killed())
+                self.add_callback(killed_at(8))  # after step 5's checkpoint
 
         return Dies
 
