@@ -103,6 +103,12 @@ def resolve_model(name: str, cache_dir: str | None = None) -> str:
     """A path or hub id that `from_pretrained` accepts; embedded names are converted once and cached."""
     if name == SMOLLM2:
         return str(smollm2_checkpoint(cache_dir))
+    if not Path(name).expanduser().exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        from mocd_train.config import ConfigError
+
+        raise ConfigError(f"model {name!r}: no such folder, and it is neither a hub id (namespace/name) nor the "
+                          f"embedded {SMOLLM2!r}. A trained policy is its policies/<name> folder; a student is "
+                          "distill/<name>/student.")
     return name
 
 

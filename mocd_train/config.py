@@ -37,7 +37,8 @@ class CommonConfig:
     model: str = field(
         default="smollm2-135m-instruct",
         metadata=_help(
-            "Reference policy π_ref: 'smollm2-135m-instruct' (embedded, offline), a hub id or a local checkpoint."
+            "Reference policy π_ref: 'smollm2-135m-instruct' (embedded, offline), a hub id, a local checkpoint "
+            "or a trained policy folder (<run_dir>/policies/<name>; a LoRA adapter is merged on load)."
         ),
     )
     objectives: list = field(

@@ -36,9 +36,14 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left"):
 
 
 def load_causal_lm(name: str, device: torch.device, dtype: str = "auto", cache_dir: str | None = None):
-    """(model in eval mode on `device`, left-padding tokenizer) for an embedded name, hub id or path."""
+    """(model in eval mode on `device`, left-padding tokenizer) for an embedded name, hub id, checkpoint folder or
+    trained policy folder (policies/<name>: its merged/ checkpoint, else its LoRA adapter merged onto the base)."""
     from transformers import AutoModelForCausalLM
 
+    from mocd_train.policies import is_policy_dir, load_policy
+
+    if is_policy_dir(name):
+        return load_policy(name, device, resolve_dtype(dtype, device), cache_dir)
     path = resolve_model(name, cache_dir)
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device)).to(device).eval()

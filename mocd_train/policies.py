@@ -301,6 +301,13 @@ def save_policy(trainer, tokenizer, out: Path, merge: bool) -> dict:
     return saved
 
 
+def is_policy_dir(path: str | Path) -> bool:
+    """A policies/<name> folder as train_policy.py writes it (not itself a checkpoint)."""
+    path = Path(path)
+    return (path.is_dir() and not (path / "config.json").is_file()
+            and any((path / sub).is_dir() for sub in ("merged", "model", "adapter")))
+
+
 def load_policy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 cache_dir: str | None = None):
     """A policies/<name> folder → (model, tokenizer): merged/ or model/ if saved, else adapter/ merged onto its base."""

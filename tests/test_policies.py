@@ -119,6 +119,28 @@ def test_sft_on_a_teacher_dataset_then_merge(tiny_lm, tmp_path):
     assert (out / "merged").is_dir() and (out / "adapter").is_dir() and model.config.num_hidden_layers == 2
 
 
+def test_a_policy_folder_is_a_model_with_or_without_its_merged_checkpoint(tiny_lm, tmp_path):
+    import shutil
+
+    from mocd_train.models import load_causal_lm
+
+    synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=16)
+    out = recipe("train_policy").main(policy_args(tmp_path, tiny_lm, "--method", "dpo", "--objective", "readability",
+                                                  "--learning_rate", "5e-3", "--max_steps", "4", "--merge", "true"))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    logits = {}
+    for label in ("merged", "adapter only"):
+        model, tok = load_causal_lm(str(out), torch.device("cpu"))
+        assert tok.padding_side == "left"
+        logits[label] = model(ids).logits
+        shutil.rmtree(out / "merged", ignore_errors=True)
+    base, _ = load_causal_lm(tiny_lm, torch.device("cpu"))
+    torch.testing.assert_close(logits["merged"], logits["adapter only"], atol=1e-5, rtol=0)
+    assert (logits["merged"] - base(ids).logits).abs().max() > 1e-3  # the trained weights, not the base model
+    with pytest.raises(ConfigError, match="no such folder.*policies/<name>"):
+        load_causal_lm(str(out / "merged"), torch.device("cpu"))
+
+
 def test_soup_equals_the_hand_computed_delta_w_mix(tiny_lm, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
