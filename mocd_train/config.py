@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -19,9 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A recipe or command-line mistake; the message names the key and how to fix it."""
+from mocd_train.errors import ConfigError  # noqa: F401  (re-exported: the name callers import from here)
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -333,13 +332,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(key, value, arg)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:  # X | None: X's own message names the problem better
+            raise errors[0]
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}.")
     if origin is Literal:
         if value in args:
@@ -367,14 +369,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}.")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}.")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}.")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}.")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -518,8 +525,8 @@ def _check_policy(cfg: PolicyConfig) -> None:
         for key, w in (cfg.weights or {}).items():
             if key not in names:
                 raise _unknown_key(key, names, "weights")
-            if isinstance(w, bool) or not isinstance(w, (int, float)):
-                raise ConfigError(f"weights.{key}: {w!r} is not a number.")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ConfigError(f"weights.{key}: {w!r} is not a finite number.")
     if cfg.method == "dpo":
         if cfg.divergence != "reverse_kl" and cfg.loss_type not in F_DIVERGENCE_LOSSES:
             raise ConfigError(f"divergence {cfg.divergence!r} needs a loss built on the chosen-rejected reward "

@@ -69,28 +69,30 @@ def pareto_front(points: torch.Tensor) -> list[int]:
 
 
 def hypervolume(points: torch.Tensor, reference: torch.Tensor) -> float:
-    """Volume dominated by the points [n, G] and bounded below by `reference` [G] (G = 2 or 3; exact, by slicing)."""
-    pts = [p for p in points.double().tolist() if all(v > r for v, r in zip(p, reference.tolist()))]
-    if not pts:
-        return 0.0
+    """Volume dominated by the points [n, G] and bounded below by `reference` [G] (G = 2 or 3; exact, by slicing,
+    in float64 throughout)."""
     ref = reference.double().tolist()
+    pts = [p for p in points.double().tolist() if all(v > r for v, r in zip(p, ref))]
     if len(ref) == 2:
-        pts.sort(key=lambda p: -p[0])
-        area, best_y = 0.0, ref[1]
-        for x, y in pts:
-            if y > best_y:
-                area += (x - ref[0]) * (y - best_y)
-                best_y = y
-        return area
+        return _area(pts, ref)
     if len(ref) == 3:  # slice along the third axis: area of the 2-D front above each level
         zs = sorted({p[2] for p in pts}, reverse=True)
         volume = 0.0
         for i, z in enumerate(zs):
             below = zs[i + 1] if i + 1 < len(zs) else ref[2]
-            layer = torch.tensor([p[:2] for p in pts if p[2] >= z])
-            volume += hypervolume(layer, torch.tensor(ref[:2])) * (z - below)
+            volume += _area([p[:2] for p in pts if p[2] >= z], ref[:2]) * (z - below)
         return volume
     raise ValueError(f"hypervolume is implemented for 2 or 3 objectives, got {len(ref)}.")
+
+
+def _area(pts: list[list[float]], ref: list[float]) -> float:
+    """The 2-D hypervolume of points that all dominate ref."""
+    area, best_y = 0.0, ref[1]
+    for x, y in sorted(pts, key=lambda p: -p[0]):
+        if y > best_y:
+            area += (x - ref[0]) * (y - best_y)
+            best_y = y
+    return area
 
 
 def navigation_efficiency(points: torch.Tensor, reference: torch.Tensor) -> float:

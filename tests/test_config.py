@@ -49,6 +49,8 @@ def test_pipeline_section_overrides_shared_keys_in_any_order(tmp_path):
     ({"num_samples": 0}, [], "num_samples: must be a positive integer"),
     ({"heldout_fraction": 1.5}, [], "heldout_fraction"),
     ({"rollouts": [1, 2]}, [], "section for stage 'rollouts'.*must be a mapping"),
+    ({}, ["--temperature", "inf"], "temperature: must be a finite number, got 'inf'"),
+    ({"temperature": float("nan")}, [], "temperature: must be a finite number"),
 ])
 def test_errors_name_the_key_and_the_fix(tmp_path, data, argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -92,3 +94,13 @@ def test_cli_error_exit(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         mocd(["validate", path])
     assert e.value.code == 2 and "unknown key 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rmod_lambda", "nan"], "rmod_lambda: must be a finite number"),
+    (["--decoder", "cd_fixed", "--weights", "[0.5, .nan]"], r"weights\[1\]: must be a finite number"),
+    (["--alpha", "-inf"], "alpha: must be a finite number"),
+])
+def test_teach_refuses_non_finite_numbers(tmp_path, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("teach", ["--config", write(tmp_path, {}), *argv])

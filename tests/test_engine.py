@@ -114,3 +114,30 @@ def test_best_of_k_by_reward_functions_keeps_the_best_candidate(tiny_lm):
         assert block["chosen"] == int(totals.argmax())
         raw = scorer.score([d.prompt], [d.text], normalize=True)[0]
         torch.testing.assert_close(raw.float(), torch.tensor(d.values), atol=1e-4, rtol=0)
+
+
+class NaNRewards:
+    """Reward functions that return NaN for one objective at the second block (as an overflowing head would)."""
+
+    names = ["helpfulness", "harmlessness"]
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, prompts, texts, normalize=True):
+        self.calls += 1
+        out = torch.zeros(len(texts), 2)
+        if self.calls == 2:
+            out[1, 1] = float("nan")
+        return out
+
+
+def test_a_non_finite_value_stops_decoding_naming_prompt_block_and_objective(tiny_lm):
+    from mocd_train.errors import NonFiniteError
+
+    policy, tok = load_causal_lm(tiny_lm, torch.device("cpu"))
+    engine = BlockEngine(policy, tok, None, None, NaNRewards(), num_candidates=3, block_size=2, max_new_tokens=8,
+                         batch_size=2, ignore_eos=True)
+    with pytest.raises(NonFiniteError, match=r"reward functions: nan for prompt 0 \('How do I bake bread\?'\), "
+                                             r"block 1, candidate 1, harmlessness"):
+        engine.generate(PROMPTS[:2], block_rule("rmod", 2, rmod_lambda=5.0), torch.Generator().manual_seed(0))

@@ -90,3 +90,25 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
     assert comparison["methods"]["eval-rmod"]["vs_reference"]["worst_case_win_rate"] == pytest.approx(expected)
     runs = json.loads((out / "DONE.json").read_text())["wandb"]
     assert len(runs) == 3 and all("offline-run" in r for r in runs)
+
+
+def test_hypervolume_is_exact_in_float64():
+    """Against exact rational inclusion–exclusion over the union of boxes, on points 1e-9 apart (float32 rounds
+    them together)."""
+    from fractions import Fraction
+    from itertools import combinations
+
+    from mocd_train.evaluation import hypervolume
+
+    rng = torch.Generator().manual_seed(1)
+    pts = 1.0 + torch.rand(7, 3, generator=rng, dtype=torch.float64) * 1e-6
+    ref = torch.ones(3, dtype=torch.float64)
+    exact = Fraction(0)
+    rows = [[Fraction(x) for x in p] for p in pts.tolist()]
+    for size in range(1, len(rows) + 1):
+        for subset in combinations(rows, size):
+            box = Fraction(1)
+            for axis in range(3):
+                box *= min(p[axis] for p in subset) - 1
+            exact += box if size % 2 else -box
+    assert abs(hypervolume(pts, ref) - float(exact)) <= 1e-12 * float(exact)

@@ -1,3 +1,6 @@
+import math
+
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -49,6 +52,83 @@ def test_limits_and_unit_weights():
         for i in range(3):
             e = [1.0 if j == i else 0.0 for j in range(3)]
             torch.testing.assert_close(soft(combine(logps, e, rule, ref_logp=ref)), logps[i].exp(), atol=1e-6, rtol=0)
+
+
+def extreme_logps(m, dtype, seed=0, v=12):
+    """π_ref and M policies whose ratios u = π_i/π_ref span 1e-12 … 1e12 over the vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.log_softmax(torch.randn(v, generator=g, dtype=torch.float64), -1)
+    log_u = (torch.rand(m, v, generator=g, dtype=torch.float64) * 2 - 1) * math.log(1e12)
+    logps = torch.log_softmax(ref + log_u, -1)
+    return logps.to(dtype), ref.to(dtype)
+
+
+def mp_jsd(logps, ref, w):
+    """The closed form π ∝ π_ref e^y / (2 − e^y), y = Σ w_i log(2u_i/(1 + u_i)), in 60-digit arithmetic."""
+    mpmath.mp.dps = 60
+    out = []
+    for s in range(ref.shape[-1]):
+        r = mpmath.mpf(float(ref[s]))
+        y = mpmath.fsum(mpmath.mpf(float(wi)) * mpmath.log(2 * u / (1 + u))
+                        for wi, u in zip(w, [mpmath.exp(mpmath.mpf(float(lp[s])) - r) for lp in logps]))
+        out.append(mpmath.exp(r) * mpmath.exp(y) / (2 - mpmath.exp(y)))
+    total = mpmath.fsum(out)
+    return torch.tensor([float(x / total) for x in out], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_jsd_is_accurate_for_any_ratio(dtype, tol, m):
+    """Against 60-digit arithmetic on the same inputs, with π_i/π_ref from 1e-12 to 1e12 (forming v first lost
+    all precision there: total variation up to 0.7)."""
+    for seed in range(3):
+        logps, ref = extreme_logps(m, dtype, seed)
+        w = torch.softmax(torch.randn(m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), 0)
+        got = torch.softmax(combine(logps, w.to(dtype), "js", ref_logp=ref).double(), -1)
+        assert 0.5 * (got - mp_jsd(logps, ref, w)).abs().sum() <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unit_weights_return_that_policy_for_every_rule_and_ratio(dtype):
+    logps, ref = extreme_logps(3, dtype, seed=5)
+    for rule in ("reverse_kl", "forward_kl", "alpha", "js"):
+        for i in range(3):
+            e = [1.0 if j == i else 0.0 for j in range(3)]
+            got = torch.softmax(combine(logps, e, rule, ref_logp=ref).double(), -1)
+            assert (got - logps[i].double().exp()).abs().max() <= (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_jsd_with_negative_weights_beyond_its_range_uses_the_exact_token_optimum():
+    """Where Σ w_i ∇f(u_i) ≥ log 2 no closed form exists; the row is π_ref (∇f)⁻¹(y − λ) with λ making it sum to
+    one (checked in 60 digits)."""
+    logps, ref = extreme_logps(2, torch.float64, seed=7)
+    w = [1.8, -0.8]
+    a = 1.8 * torch.nn.functional.softplus(ref - logps[0]) - 0.8 * torch.nn.functional.softplus(ref - logps[1])
+    assert (a <= 0).any()  # the case in question
+    got = torch.softmax(combine(logps, w, "js", ref_logp=ref), -1)
+    assert abs(float(combine(logps, w, "js", ref_logp=ref).logsumexp(-1))) < 1e-9  # normalised by λ itself
+    mpmath.mp.dps = 60
+    am = [mpmath.mpf(float(x)) for x in a]
+
+    def mass(lam):
+        return mpmath.fsum(mpmath.exp(mpmath.mpf(float(r)) - (x + lam)) / (1 - mpmath.exp(-(x + lam)))
+                           for r, x in zip(ref, am))
+
+    lam = mpmath.findroot(lambda t: mass(t) - 1, (-min(am) + mpmath.mpf("1e-30"), mpmath.mpf(50)),
+                          solver="bisect", tol=mpmath.mpf("1e-40"))
+    expected = torch.tensor([float(mpmath.exp(mpmath.mpf(float(r)) - (x + lam)) / (1 - mpmath.exp(-(x + lam))))
+                             for r, x in zip(ref, am)], dtype=torch.float64)
+    assert (got - expected).abs().max() < 1e-12
+
+
+def test_non_finite_weights_and_log_probabilities_are_refused():
+    logps = random_logps(2)
+    with pytest.raises(ConfigError, match="finite"):
+        combine(logps, [float("nan"), 0.5], "reverse_kl")
+    bad = logps.clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="policy 1"):
+        combine(bad, [0.5, 0.5], "forward_kl")
 
 
 def test_negative_weights_and_bad_weights():

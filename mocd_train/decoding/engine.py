@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 
 from mocd_train.data import chat_texts, eos_ids
+from mocd_train.decoding.weights import check_finite_values
+from mocd_train.errors import WeightSolveError
 
 
 @dataclass
@@ -141,7 +143,16 @@ class BlockEngine:
             values = self._score(prompts, prompt_ids, responses, active, toks, tmask, vstate, cost)
             if isinstance(values, tuple):
                 values, vstate = values
-            chosen, info = rule(values, generator)
+            check_finite_values(values, "candidate values from the " + ("value model" if self.value is not None
+                                                                        else "reward functions"),
+                                rows=[f"prompt {p} ({prompts[p][:60]!r}), block {len(traces[p])}" for p in active],
+                                objectives=self._objectives())
+            try:
+                chosen, info = rule(values, generator)
+            except WeightSolveError as e:
+                names = [f"prompt {active[r]} ({prompts[active[r]][:60]!r})" for r in e.rows[:5]]
+                raise WeightSolveError(f"{e} Prompts: {', '.join(names)}; block {len(traces[active[0]])}.",
+                                       e.rows) from None
             chosen = chosen.to(dev)
             winners = torch.arange(len(active), device=dev) * k + chosen
             keep = []
@@ -173,6 +184,11 @@ class BlockEngine:
                                 last_values[p], traces[p], {**{c: v / n for c, v in cost.items()},
                                                             "seconds": seconds / n, "batch_prompts": n}))
         return outs
+
+    def _objectives(self) -> list[str] | None:
+        if self.value is not None:
+            return self.value.meta.objectives
+        return getattr(self.rewards, "names", None)
 
     def _policy_forward(self, ids, mask, cache):
         from transformers import DynamicCache

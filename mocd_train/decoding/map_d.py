@@ -10,11 +10,16 @@ import torch
 
 from mocd_train.data import sample_responses
 from mocd_train.decoding.engine import Decoded, in_batches
+from mocd_train.decoding.weights import check_finite_values
+from mocd_train.errors import NonFiniteError
 from mocd_train.rewards import RewardSet
 
 
 def resample(rewards: torch.Tensor, lam: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """rewards [N, k, m] (raw units, as λ was solved on), λ [m] → chosen index [N], drawn ∝ exp(λᵀr)."""
+    if not bool(torch.isfinite(lam).all()):
+        raise NonFiniteError(f"MAP-D: λ = {lam.tolist()} is not finite; solve the palette again.")
+    check_finite_values(rewards, "MAP-D candidate rewards")
     logits = rewards.double() @ lam.double().to(rewards.device)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs.cpu().float(), 1, generator=generator).squeeze(1)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mocd_train.config import ConfigError
+from mocd_train.errors import ConfigError, NonFiniteError
 from mocd_train.data import chat_texts, eos_ids
 from mocd_train.decoding.engine import Decoded, _left_pad, in_batches, positions, sample_tokens
 
@@ -26,10 +26,12 @@ LOG2 = math.log(2.0)
 
 
 def check_weights(weights, num_policies: int, rule: str) -> torch.Tensor:
-    """Weights sum to 1; negative entries only where the rule's algebra allows them (reverse KL, JSD)."""
+    """Weights are finite and sum to 1; negative entries only where the rule's algebra allows them (reverse KL, JSD)."""
     w = torch.as_tensor(weights, dtype=torch.float64)
     if w.ndim != 1 or len(w) != num_policies:
         raise ConfigError(f"MOD weights: one per policy ({num_policies}), got {list(map(float, w.view(-1)))}.")
+    if not bool(torch.isfinite(w).all()):
+        raise ConfigError(f"MOD weights must be finite numbers, got {w.tolist()}.")
     if abs(float(w.sum()) - 1.0) > 1e-6:
         raise ConfigError(f"MOD weights must sum to 1 (they weight the policies' f-divergence optimality "
                           f"conditions), got sum {float(w.sum()):.6g}.")
@@ -41,20 +43,24 @@ def check_weights(weights, num_policies: int, rule: str) -> torch.Tensor:
 
 def combine(logps: torch.Tensor, weights, rule: str = "reverse_kl", alpha: float = 0.5,
             ref_logp: torch.Tensor | None = None) -> torch.Tensor:
-    """logps [M, ..., V] (log-probabilities of the M policies) → the combined unnormalised log-score [..., V].
+    """logps [M, ..., V] (log-probabilities of the M policies) → the combined unnormalised log-score [..., V]
+    (MOD, Shi et al., NeurIPS 2024, Eq. 6 and App. D; docs/algorithms.md, "MOD").
 
     reverse KL  Σ w_i log π_i
     forward KL  −logsumexp_i(log w_i − log π_i)
     α           −(1/α) logsumexp_i(log w_i − α log π_i), α ∈ (0, 1]
-    JSD         log π_ref + v − log(2 − e^v), v = Σ w_i log(2u_i / (1 + u_i)), u_i = π_i / π_ref (needs ref_logp)
+    JSD         `jsd_score`: log π_ref + v − log(2 − e^v), v = Σ w_i log(2u_i/(1 + u_i)), u_i = π_i/π_ref
     """
     w = check_weights(weights, logps.shape[0], rule).to(logps.device, logps.dtype)
+    if torch.isnan(logps).any():
+        bad = int(torch.isnan(logps.reshape(logps.shape[0], -1)).any(-1).nonzero()[0])
+        raise NonFiniteError(f"MOD: policy {bad}'s log-probabilities contain NaN (a diverged or overflowing model).")
     shape = (-1,) + (1,) * (logps.ndim - 1)
     if rule == "reverse_kl":
         return (w.view(shape) * logps).sum(0)
     if rule in ("forward_kl", "alpha"):
         a = 1.0 if rule == "forward_kl" else alpha
-        if not 0 < a <= 1:
+        if not (math.isfinite(a) and 0 < a <= 1):
             raise ConfigError(f"alpha: {a} must lie in (0, 1].")
         keep = w > 0  # log 0 = −inf: a zero weight drops its policy
         terms = torch.log(w[keep]).view(shape) - a * logps[keep]
@@ -62,11 +68,50 @@ def combine(logps: torch.Tensor, weights, rule: str = "reverse_kl", alpha: float
     if rule == "js":
         if ref_logp is None:
             raise ValueError("the JSD rule needs π_ref's log-probabilities.")
-        log_u = logps - ref_logp.unsqueeze(0)
-        v = (w.view(shape) * (LOG2 + log_u - torch.nn.functional.softplus(log_u))).sum(0)
-        v = v.clamp(max=LOG2 - 1e-6)  # e^v < 2 holds for w ≥ 0; negative weights can cross it
-        return ref_logp + v - (LOG2 + torch.log(-torch.expm1(v - LOG2)))
+        return jsd_score(logps, w, ref_logp)
     raise ConfigError(f"MOD rule {rule!r} is not one of {', '.join(RULES)}.")
+
+
+def jsd_score(logps: torch.Tensor, w: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """The JSD rule without cancellation, for any u_i = π_i/π_ref and any weights summing to 1.
+
+    ∇f(u) = log(2u/(1 + u)) = log 2 − softplus(−log u), so with Σ w_i = 1, v = log 2 − a where
+    a = Σ_i w_i softplus(−log u_i), and the closed form π_ref e^v/(2 − e^v) becomes
+        score = log π_ref − a − log(1 − e^{−a}),
+    evaluated with expm1: nothing cancels, even where u is 1e12 and a is 1e-12 (forming v first loses every digit
+    there, and the old clamp then made such tokens nearly certain). For w = e_i it is log π_i exactly.
+
+    (∇f)⁻¹ exists only below log 2, i.e. for a > 0, which non-negative weights always give. A negative weight can
+    push a token to a ≤ 0: the weighted optimality condition then asks for an unbounded ratio π/π_ref, and the
+    closed form has no value. Such rows use the exact token-level optimum of the same f-regularised problem,
+    π_ref (∇f)⁻¹(y − λ), whose normaliser λ sits inside (∇f)⁻¹: it replaces a by a + λ with the λ > −min a that makes
+    the row sum to one, found by bisection (for reverse KL the two normalisations coincide)."""
+    x = ref_logp.unsqueeze(0) - logps  # −log u
+    softplus = x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))  # torch's softplus drops e^{−x} beyond x = 20
+    a = (w.view((-1,) + (1,) * (logps.ndim - 1)) * softplus).sum(0)
+    bad = (a <= 0).any(-1)
+    if bool(bad.any()):
+        a = a.clone()
+        a[bad] = a[bad] + _jsd_shift(a[bad], ref_logp[bad])[..., None]
+    return ref_logp - a - torch.log(-torch.expm1(-a))
+
+
+def _jsd_shift(a: torch.Tensor, ref_logp: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """λ [R] with logsumexp_s(log π_ref − (a + λ) − log(1 − e^{−(a+λ)})) = 0, by bisection on λ = −min a + e^θ
+    (the mass falls monotonically from +∞ as λ ↓ −min a to 0 as λ → ∞)."""
+    base = -a.amin(-1)
+
+    def mass(theta):
+        b = a + (base + theta.exp())[..., None]
+        return torch.logsumexp(ref_logp - b - torch.log(-torch.expm1(-b)), -1)
+
+    lo = torch.full_like(base, -80.0)
+    hi = torch.full_like(base, 10.0)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        over = mass(mid) > 0
+        lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+    return base + (0.5 * (lo + hi)).exp()
 
 
 def next_tokens(score: torch.Tensor, greedy: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
