@@ -92,14 +92,14 @@ class RolloutsConfig(CommonConfig):
     )
     score_batch_size: int = field(default=64, metadata=_help("Texts per batch for the scorers."))
     normalization: Literal["zscore", "none"] = field(
-        default="zscore", metadata=_help("Per-objective normalisation fitted on these rollouts (ALGORITHMS.md §1).")
+        default="zscore", metadata=_help("Per-objective normalisation fitted on these rollouts (docs/algorithms.md §1).")
     )
     overwrite: bool = field(default=False, metadata=_help("Delete existing rollouts in run_dir and start over."))
 
 
 @dataclass
 class ValueConfig(CommonConfig):
-    """Multi-objective value model V(x, y^t) ∈ R^G trained on the rollouts (stage `value`, ALGORITHMS.md §2)."""
+    """Multi-objective value model V(x, y^t) ∈ R^G trained on the rollouts (stage `value`, docs/algorithms.md §2)."""
 
     backbone: str | None = field(
         default=None, metadata=_help("Backbone: None = π_ref (`model`); or an embedded name, hub id or path.")
@@ -171,7 +171,7 @@ class TeachConfig(CommonConfig):
 
     decoder: Literal["rmod", "cd_uniform", "cd_single", "cd_fixed", "cd_maximin", "best_of_k", "pi_ref", "map_d", "mod",
                      "soup"] = field(default="rmod",
-                                     metadata=_help("The teacher (ALGORITHMS.md §3–6); see README 'Decoders'."))
+                                     metadata=_help("The teacher (docs/algorithms.md §3–6); see README 'Decoders'."))
     name: str | None = field(default=None, metadata=_help("Output folder teach/<name> (default: the decoder's name)."))
     rmod_lambda: float = field(
         default=1.0, metadata=_help("RMOD's scalar KL trade-off λ (not MAP's weights): large = robust to the worst "
@@ -241,7 +241,7 @@ class TrainingConfig(CommonConfig):
 
 @dataclass
 class PolicyConfig(TrainingConfig):
-    """A policy trained with TRL for one objective or fixed weights (stage `policies`, ALGORITHMS.md §4–6)."""
+    """A policy trained with TRL for one objective or fixed weights (stage `policies`, docs/algorithms.md §4–6)."""
 
     method: Literal["sft", "dpo", "grpo", "ppo"] = field(default="dpo", metadata=_help("Training method."))
     objective: str | None = field(default=None, metadata=_help("Train for this one objective..."))

@@ -1,4 +1,4 @@
-"""Distillation (ALGORITHMS.md §7): teacher datasets → one (prompt, response) training set → a student checkpoint
+"""Distillation (docs/algorithms.md §7): teacher datasets → one (prompt, response) training set → a student checkpoint
 that deploys without mocd_train (weights, tokenizer with its chat template, generation config, model card)."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def export_student(model, tokenizer, out: Path, card: str, provenance: dict) -> 
 
 
 def token_kl_trainer(cfg, student, tokenizer, examples: list[dict], teacher, out: Path):
-    """Token-level distillation from MOD (ALGORITHMS.md §7): on the teacher's own samples, minimise
+    """Token-level distillation from MOD (docs/algorithms.md §7): on the teacher's own samples, minimise
     KL(p_MOD(·|x, y_<t) ‖ p_student(·|x, y_<t)) summed over response positions; p_MOD is `teacher.logprobs`, the
     combined next-token distribution of the MOD decoder that wrote the dataset."""
     from datasets import Dataset

@@ -1,4 +1,4 @@
-"""Metrics for comparing methods on the same held-out prompts (ALGORITHMS.md §8). Pure torch on reward tables.
+"""Metrics for comparing methods on the same held-out prompts (docs/algorithms.md §8). Pure torch on reward tables.
 
 Rewards are normalised with π_ref's rollout statistics before anything is compared across objectives. Standard
 errors are over prompts; comparisons between two methods are paired by prompt.

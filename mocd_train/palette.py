@@ -1,4 +1,4 @@
-"""MAP value palettes (ALGORITHMS.md §6): the λ that makes λᵀr one fixed reward reaching every target, or a proof
+"""MAP value palettes (docs/algorithms.md §6): the λ that makes λᵀr one fixed reward reaching every target, or a proof
 that no λ can. Pure numpy/scipy: rewards [n, m] of π_ref samples in, λ and its certificates out.
 
 p_λ(y|x) ∝ π_ref(y|x) exp(λᵀr(x, y)) is normalised per prompt. With several samples per prompt (`groups`), the

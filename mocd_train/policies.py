@@ -160,7 +160,7 @@ def sft_trainer(cfg, model, tokenizer, examples: list[dict], out: Path, stage: s
 
 def fixed_reward(cfg, names: list[str], normalizer: Normalizer, palette: dict | None = None):
     """The one reward an RL method maximises, as (weights, normalizer): w·r̃ on normalised rewards for `objective` /
-    `weights`; for a MAP palette (MAP-F, ALGORITHMS.md §6) β·λᵀr on raw rewards (normalizer None), so that the
+    `weights`; for a MAP palette (MAP-F, docs/algorithms.md §6) β·λᵀr on raw rewards (normalizer None), so that the
     KL-regularised optimum π_ref·exp(R/β) is exactly p_λ ∝ π_ref·exp(λᵀr)."""
     if palette is not None:
         return [cfg.beta * float(v) for v in palette["lam"]], None
@@ -358,7 +358,7 @@ def adapter_base(adapter: Path) -> str:
 
 
 def soup_model(adapters: dict[str, str | Path], weights: dict[str, float], cache_dir: str | None = None):
-    """Rewarded soup of LoRA adapters on one base (ALGORITHMS.md §5): ΔW = Σ_i w_i B_i A_i exactly, through PEFT's
+    """Rewarded soup of LoRA adapters on one base (docs/algorithms.md §5): ΔW = Σ_i w_i B_i A_i exactly, through PEFT's
     `add_weighted_adapter(combination_type="cat")` ("linear" would mix A and B separately: not the same).
     Returns the merged model and its base's path."""
     from peft import PeftModel

@@ -1,4 +1,4 @@
-"""Multi-objective token-level value model (CD-FUDGE, ALGORITHMS.md §2) and the data it trains on.
+"""Multi-objective token-level value model (CD-FUDGE, docs/algorithms.md §2) and the data it trains on.
 
 V(x, y^t) ∈ R^G: a causal backbone and one linear head with G outputs at every position, so one forward pass
 scores every prefix of a sequence, and with the KV cache a decoder pays only for the tokens it appends. Values are
@@ -279,7 +279,7 @@ def collate_values(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def value_loss(values: torch.Tensor, targets: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """ALGORITHMS.md §2: squared error to the final reward at every response prefix, averaged over a sequence's
+    """docs/algorithms.md §2: squared error to the final reward at every response prefix, averaged over a sequence's
     response positions, then over sequences and objectives."""
     err = ((values - targets[:, None, :]) ** 2).mean(-1)  # [N, T]
     mask = response_mask.to(err.dtype)

@@ -15,7 +15,7 @@ def random_logps(m=3, n=5, v=11, seed=0):
 
 
 def direct(logps, w, rule, alpha=0.5, ref=None):
-    """π ∝ π_ref · (∇f)⁻¹(Σ_i w_i ∇f(π_i / π_ref)) in probability space (ALGORITHMS.md §4), normalised."""
+    """π ∝ π_ref · (∇f)⁻¹(Σ_i w_i ∇f(π_i / π_ref)) in probability space (docs/algorithms.md §4), normalised."""
     p, w = logps.exp().numpy(), np.asarray(w, dtype=np.float64)[:, None, None]
     ref = np.full(p.shape[1:], 1.0 / p.shape[-1]) if ref is None else ref.exp().numpy()
     u = p / ref

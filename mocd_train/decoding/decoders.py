@@ -1,6 +1,6 @@
 """Decoders on the block engine, one `Decoder` interface for all of them (MAP-D and MOD implement it too).
 
-RMOD (worst-case weights, ALGORITHMS.md §3), CD-uniform / CD-single(g) / CD-fixed(w) (fixed weights), CD-maximin
+RMOD (worst-case weights, docs/algorithms.md §3), CD-uniform / CD-single(g) / CD-fixed(w) (fixed weights), CD-maximin
 (argmax_k min_g V), Best-of-K (the same rules with one block of B = T), and π_ref (one plain sample).
 """
 
@@ -46,7 +46,7 @@ def fixed_weights_rule(weights: list[float]) -> Rule:
 
 
 def maximin_rule() -> Rule:
-    """CD-maximin: the candidate whose worst objective is best (TESTBED.md: the natural large-κ comparison)."""
+    """CD-maximin: the candidate whose worst objective is best (docs/algorithms.md §3: the natural large-κ comparison)."""
 
     def rule(values, generator):
         worst = values.min(-1)

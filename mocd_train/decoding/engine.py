@@ -1,4 +1,4 @@
-"""The blockwise sampler behind RMOD, the CD baselines and Best-of-K (DESIGN.md "The fast path").
+"""The blockwise sampler behind RMOD, the CD baselines and Best-of-K (docs/architecture.md, "The fast path").
 
 Per batch of prompts: prefill each prompt once; its K branches share that prefill; each block samples B tokens per
 branch from π_ref with the KV cache; the value model scores only the new tokens from its own cache; a selection rule

@@ -1,4 +1,4 @@
-"""MAP-D (ALGORITHMS.md §6): per prompt, k samples from π_ref, one kept with probability softmax(λᵀr) — a
+"""MAP-D (docs/algorithms.md §6): per prompt, k samples from π_ref, one kept with probability softmax(λᵀr) — a
 sampling-importance-resampling approximation of p_λ ∝ π_ref · exp(λᵀr) that needs no training."""
 
 from __future__ import annotations

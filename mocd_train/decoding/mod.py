@@ -1,4 +1,4 @@
-"""MOD (ALGORITHMS.md §4): combine M policies trained with one f-divergence regulariser into the next-token
+"""MOD (docs/algorithms.md §4): combine M policies trained with one f-divergence regulariser into the next-token
 distribution of their w-weighted optimum, token by token, without training.
 
 The per-token rules are pure functions of log-probabilities (`combine`). The policies run as one batched forward per
@@ -44,7 +44,7 @@ def check_weights(weights, num_policies: int, rule: str) -> torch.Tensor:
 def combine(logps: torch.Tensor, weights, rule: str = "reverse_kl", alpha: float = 0.5,
             ref_logp: torch.Tensor | None = None) -> torch.Tensor:
     """logps [M, ..., V] (log-probabilities of the M policies) → the combined unnormalised log-score [..., V]
-    (MOD, Shi et al., NeurIPS 2024, Eq. 6 and App. D; docs/algorithms.md, "MOD").
+    (MOD, Shi et al., NeurIPS 2024, §3 and App. D; docs/algorithms.md §4).
 
     reverse KL  Σ w_i log π_i
     forward KL  −logsumexp_i(log w_i − log π_i)

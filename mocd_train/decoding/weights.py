@@ -1,4 +1,4 @@
-"""RMOD's worst-case objective weights, exact and batched over prompts (docs/algorithms.md, "RMOD"). Pure torch.
+"""RMOD's worst-case objective weights, exact and batched over prompts (docs/algorithms.md §3). Pure torch.
 
 For one prompt with K candidate blocks and their values V [K, G] (Son et al., ICLR 2026, Eq. 9–10):
     w* = argmin_{w ∈ Δ^{G−1}} F(w),   F(w) = log (1/K) Σ_k exp(κ Σ_g w_g V_{k,g})

@@ -1,6 +1,6 @@
 """Built-in scorers backed by offline packages: relevance, harmlessness, positivity, readability, non-toxicity.
 
-Every score is "higher is better". Raw scales differ; the RewardSet normalises them (ALGORITHMS.md §1).
+Every score is "higher is better". Raw scales differ; the RewardSet normalises them (docs/algorithms.md §1).
 """
 
 from __future__ import annotations
