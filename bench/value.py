@@ -137,7 +137,7 @@ def main() -> None:
     policy_tokenizer = load_tokenizer(resolve_model(args.model))
     spec = BackboneSpec(args.model, "causal_lm", args.num_layers, "full")
     model, tokenizer = build_value_model(spec, normalizer.objectives, normalizer, policy_tokenizer, None)
-    train, _ = value_datasets(rollouts, tokenizer, model.meta, normalizer, 512, 0.1)
+    train, _, _ = value_datasets(rollouts, tokenizer, model.meta, normalizer, 512, 0.1)
     result = {"quick": args.quick, "backbone": args.model, "num_layers": args.num_layers,
               "threads": torch.get_num_threads(), "train_sequences": len(train),
               "train_tokens_per_second": train_throughput(model, tokenizer, train, args.steps, 8)}

@@ -131,6 +131,24 @@ class ValueConfig(CommonConfig):
     heldout_fraction: float = field(
         default=0.1, metadata=_help("Share of rollout prompts (all their responses) held out for the metrics.")
     )
+    pairwise_weight: float = field(
+        default=0.0, metadata=_help("Weight of the within-prompt pairwise (Bradley–Terry) term beside the paper's "
+                                    "regression; 0 trains the paper's loss alone. Batches then hold whole prompts: "
+                                    "per_device_train_batch_size must be a multiple of the samples per prompt."))
+    pair_margin: float = field(
+        default=0.5, metadata=_help("Pairs of one prompt's responses whose final normalised rewards differ by at "
+                                    "least this enter the pairwise term and the pairwise-accuracy metric."))
+    validation_fraction: float = field(
+        default=0.0, metadata=_help("Share of the training prompts set aside to pick the checkpoint (every "
+                                    "save_steps) with the best within-prompt pairwise accuracy at 25 % of the "
+                                    "response; 0 keeps the last checkpoint."))
+    early_stopping_patience: int = field(
+        default=0, metadata=_help("With validation: stop after this many evaluations without improvement (0: never)."))
+    train_prompts: int | None = field(
+        default=None, metadata=_help("Train on a seeded subset of this many rollout prompts (data ablations; the "
+                                     "held-out prompts stay the same)."))
+    samples_per_prompt: int | None = field(
+        default=None, metadata=_help("Train on the first N samples of each prompt only (data ablations)."))
     eval_batch_size: int = field(default=16, metadata=_help("Sequences per batch when computing metrics."))
     save_steps: int = field(default=50, metadata=_help("Checkpoint every N optimiser steps (resume point)."))
     logging_steps: int = field(default=10, metadata=_help("Log the training loss every N steps."))
@@ -300,6 +318,11 @@ class EvaluateConfig(CommonConfig):
         default_factory=list, metadata=_help("Teacher datasets under <run_dir>/teach to compare (decode policies and "
                                              "students with `teach.py --decoder pi_ref --model ...`)."))
     reference: str = field(default="eval-pi_ref", metadata=_help("The π_ref dataset every method is paired with."))
+    baselines: list[str] = field(
+        default_factory=list, metadata=_help("Methods every other method is also compared with, e.g. "
+                                             "[eval-cd_uniform]: the report states each difference in mean per-prompt "
+                                             "worst case with its interval and whether it is significant."))
+    note: str = field(default="", metadata=_help("A line printed at the top of the report (e.g. 'smoke-sized run')."))
     name: str = field(default="eval", metadata=_help("Output folder <run_dir>/<name>."))
     samples: int = field(default=3, metadata=_help("Sample responses per method in the HTML report."))
     overwrite: bool = field(default=True, metadata=_help("Re-evaluate even if a report exists (it is cheap)."))
@@ -458,6 +481,16 @@ def _check_value(cfg: ValueConfig) -> None:
     _fraction(cfg, "heldout_fraction")
     if cfg.learning_rate <= 0 or cfg.num_train_epochs <= 0:
         raise ConfigError("learning_rate and num_train_epochs must be > 0.")
+    for key in ("train_prompts", "samples_per_prompt"):
+        if getattr(cfg, key) is not None:
+            _positive(cfg, key)
+    if cfg.pairwise_weight < 0 or cfg.pair_margin < 0 or cfg.early_stopping_patience < 0:
+        raise ConfigError("pairwise_weight, pair_margin and early_stopping_patience must be ≥ 0.")
+    if not 0 <= cfg.validation_fraction < 1:
+        raise ConfigError(f"validation_fraction: {cfg.validation_fraction} must lie in [0, 1).")
+    if cfg.early_stopping_patience and not cfg.validation_fraction:
+        raise ConfigError("early_stopping_patience needs validation_fraction > 0: early stopping watches the "
+                          "validation prompts' pairwise accuracy.")
 
 
 def _check_palette(cfg: PaletteConfig) -> None:

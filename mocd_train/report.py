@@ -150,8 +150,9 @@ def plot_distributions(tables: dict[str, list[dict]], names: list[str], normaliz
 
 
 def write_html(comparison: dict, rows: list[dict], plots: list[Path], path: Path, title: str,
-               samples: dict[str, list[dict]] | None = None) -> Path:
-    """A single file: the table, the plots inlined as base64 PNGs, a few sample responses per method."""
+               samples: dict[str, list[dict]] | None = None, note: str = "") -> Path:
+    """A single file: the table, one sentence per claim (`claims`), the plots inlined as base64 PNGs, a few sample
+    responses per method; `note` (e.g. that a run is smoke-sized) is printed first."""
     head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
     imgs = "".join(f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" '
@@ -162,6 +163,14 @@ def write_html(comparison: dict, rows: list[dict], plots: list[Path], path: Path
                  if "hypervolume" in comparison else "")
               + f"Navigation efficiency (share of methods improving every objective over the reference): "
               f"{comparison['navigation_efficiency']:.2f}.</p>")
+    claims = comparison.get("claims", [])
+    claims_html = ""
+    if claims:
+        items = "".join(f"<li>{html.escape(c['sentence'])}</li>" for c in claims)
+        claims_html = (f"<h2>What is significant</h2><p>Each method against each comparator in mean per-prompt worst "
+                       f"case, paired by prompt, with a {round(100 * claims[0]['level'])}% bootstrap interval; "
+                       f"significant means the interval excludes 0 (each of the {len(claims)} comparisons on its own, "
+                       f"not adjusted for their number).</p><ul>{items}</ul>")
     sample_html = ""
     for label, srows in (samples or {}).items():
         items = "".join(f"<li><b>{html.escape(r['prompt'])}</b><br>{html.escape(r['response'])}</li>" for r in srows)
@@ -170,10 +179,10 @@ def write_html(comparison: dict, rows: list[dict], plots: list[Path], path: Path
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}th{{background:#f3f3f3}}td:first-child{{text-align:left}}
 img{{max-width:100%;border:1px solid #eee}}figure{{margin:1.5em 0}}li{{margin:.5em 0;font-size:13px}}</style></head>
-<body><h1>{html.escape(title)}</h1>
+<body><h1>{html.escape(title)}</h1>{f'<p><b>{html.escape(note)}</b></p>' if note else ''}
 <p>Held-out prompts; rewards normalised with π_ref's rollout statistics; worst case = min over objectives; win rates
 are paired by prompt with ties counted half, 95% bootstrap intervals over prompts.</p>
-<table><tr>{head}</tr>{body}</table>{extras}{imgs}<h2>Sample responses</h2>{sample_html}</body></html>"""
+<table><tr>{head}</tr>{body}</table>{extras}{claims_html}{imgs}<h2>Sample responses</h2>{sample_html}</body></html>"""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(doc)
     tmp.replace(path)

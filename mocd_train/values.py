@@ -22,6 +22,7 @@ from mocd_train.config import ConfigError
 from mocd_train.rewards import Normalizer
 
 VALUE_CONFIG = "value_config.json"
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # where along a response the metrics (and the pairwise term) read the value
 
 
 @dataclass
@@ -263,8 +264,10 @@ def value_example(tokenizer, meta: ValueMeta, row: dict, targets: list[float], e
             "prompt_id": row["prompt_id"]}
 
 
-def collate_values(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; `response_mask` marks the positions whose prefix holds ≥ 1 response token."""
+def collate_values(batch: list[dict], pad_id: int, fractions=FRACTIONS) -> dict[str, torch.Tensor]:
+    """Right-padded batch; `response_mask` marks the positions whose prefix holds ≥ 1 response token, `positions`
+    [N, F] the position at each fraction of the response (`fraction_positions`), `groups` [N] a prompt index within
+    the batch (for the within-prompt pairwise term)."""
     width = max(len(ex["input_ids"]) for ex in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(batch), width), dtype=torch.long)
@@ -275,19 +278,43 @@ def collate_values(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attn[i, :n] = 1
         resp[i, ex["response_start"]:n] = True
     targets = torch.tensor([ex["targets"] for ex in batch], dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp, "targets": targets}
+    index: dict[str, int] = {}
+    groups = torch.tensor([index.setdefault(ex["prompt_id"], len(index)) for ex in batch], dtype=torch.long)
+    positions = torch.tensor([fraction_positions(ex, fractions) for ex in batch], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp, "targets": targets, "groups": groups,
+            "positions": positions}
+
+
+def fraction_positions(example: dict, fractions=FRACTIONS) -> list[int]:
+    """The position of token ⌈f·L⌉ of an example's L response tokens, for each fraction f."""
+    n = len(example["input_ids"]) - example["response_start"]
+    return [example["response_start"] + max(math.ceil(f * n), 1) - 1 for f in fractions]
 
 
 def value_loss(values: torch.Tensor, targets: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """docs/algorithms.md §2: squared error to the final reward at every response prefix, averaged over a sequence's
-    response positions, then over sequences and objectives."""
+    """docs/algorithms.md §2 (RMOD §5.1): squared error to the final reward at every response prefix, averaged over a
+    sequence's response positions, then over sequences and objectives."""
     err = ((values - targets[:, None, :]) ** 2).mean(-1)  # [N, T]
     mask = response_mask.to(err.dtype)
     per_seq = (err * mask).sum(1) / mask.sum(1).clamp(min=1)
     return per_seq.mean()
 
 
-FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+def pairwise_loss(values: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor, positions: torch.Tensor,
+                  margin: float) -> torch.Tensor:
+    """The within-prompt ranking term (docs/algorithms.md §2): for each pair of responses to one prompt whose final
+    normalised rewards differ by ≥ margin on an objective, the logistic (Bradley–Terry) loss of their values' order at
+    each of `positions`' fractions, log(1 + exp(−sign(r_i − r_j)(V_i − V_j))); mean over such pairs (0 if none).
+    What a decoder needs is this order among one prompt's branches, which the regression learns only indirectly."""
+    picked = values.gather(1, positions[:, :, None].expand(-1, -1, values.shape[-1]))  # [N, F, G]
+    same = (groups[:, None] == groups[None, :]).triu(1)  # pairs i < j of one prompt
+    diff = targets[:, None, :] - targets[None, :, :]  # [N, N, G]
+    use = same[:, :, None] & (diff.abs() >= margin)
+    if not bool(use.any()):
+        return values.sum() * 0.0
+    gap = picked[:, None] - picked[None, :]  # [N, N, F, G]
+    loss = torch.nn.functional.softplus(-diff.sign()[:, :, None, :] * gap)
+    return loss[use[:, :, None, :].expand_as(loss)].mean()
 
 
 @torch.no_grad()
@@ -301,18 +328,41 @@ def prefix_values(model: ValueModel, examples: list[dict], pad_id: int, batch_si
         batch = collate_values(examples[i : i + batch_size], pad_id)
         values, _ = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         for j, ex in enumerate(examples[i : i + batch_size]):
-            n = len(ex["input_ids"]) - ex["response_start"]
-            pos = [ex["response_start"] + max(math.ceil(f * n), 1) - 1 for f in fractions]
-            out.append(values[j, pos].cpu())
+            out.append(values[j, fraction_positions(ex, fractions)].cpu())
         targets.append(batch["targets"])
     return torch.stack(out), torch.cat(targets)
 
 
+def pair_accuracy(values, targets, by_prompt: dict[str, list[int]], margin: float = 0.5) -> dict:
+    """Within-prompt pairwise accuracy: over pairs of one prompt's responses whose final rewards differ by ≥ margin,
+    the share the value orders the same way (ties count half), with its standard error clustered by prompt (pairs
+    of one prompt are not independent) and the numbers of pairs and of prompts that have one."""
+    import numpy as np
+
+    hits, counts = [], []
+    for idx in by_prompt.values():
+        v, t = values[idx], targets[idx]
+        dt, dv = t[:, None] - t[None, :], v[:, None] - v[None, :]
+        pairs = np.triu(np.abs(dt) >= margin, 1)
+        if pairs.any():
+            agree = np.sign(dt[pairs]) * np.sign(dv[pairs])
+            hits.append(float(((agree > 0) + 0.5 * (agree == 0)).sum()))
+            counts.append(int(pairs.sum()))
+    if not counts:
+        return {"accuracy": float("nan"), "se": float("nan"), "pairs": 0, "prompts": 0}
+    h, c = np.array(hits), np.array(counts, dtype=float)
+    acc = h.sum() / c.sum()
+    x = len(c)
+    se = float(np.sqrt(x / max(x - 1, 1) * ((h - acc * c) ** 2).sum()) / c.sum()) if x > 1 else float("nan")
+    return {"accuracy": float(acc), "se": se, "pairs": int(c.sum()), "prompts": x}
+
+
 def value_metrics(values: torch.Tensor, targets: torch.Tensor, objectives: list[str], groups: list[str],
-                  fractions=FRACTIONS) -> dict:
+                  fractions=FRACTIONS, pair_margin: float = 0.5) -> dict:
     """Per objective and response fraction: MSE, Pearson and Spearman of the value vs the final (normalised) reward,
-    and the mean within-prompt Spearman (`groups` = prompt ids) — what a decoder choosing among one prompt's
-    branches relies on."""
+    the mean within-prompt Spearman (`groups` = prompt ids) and the within-prompt pairwise accuracy on pairs whose
+    final rewards differ by ≥ pair_margin (`pair_accuracy`) — what a decoder choosing among one prompt's branches
+    relies on."""
     import numpy as np
 
     metrics: dict[str, dict] = {}
@@ -331,11 +381,21 @@ def value_metrics(values: torch.Tensor, targets: torch.Tensor, objectives: list[
                 "pearson": _corr(v, t, "pearson"),
                 "spearman": _corr(v, t, "spearman"),
                 "within_prompt_spearman": float(np.mean(within)) if within else float("nan"),
+                "within_prompt_pair_accuracy": pair_accuracy(v, t, by_prompt, pair_margin),
             }
         metrics[name] = per
     metrics["num_sequences"] = len(targets)
     metrics["num_prompts"] = len(by_prompt)
+    metrics["pair_margin"] = pair_margin
     return metrics
+
+
+def selection_score(metrics: dict, objectives: list[str], at: str = "25%") -> float:
+    """What checkpoint selection maximises: the mean over objectives of the within-prompt pairwise accuracy at 25 % of
+    the response (objectives without a qualifying pair are left out)."""
+    accs = [metrics[g][at]["within_prompt_pair_accuracy"]["accuracy"] for g in objectives]
+    accs = [a for a in accs if not math.isnan(a)]
+    return sum(accs) / len(accs) if accs else float("nan")
 
 
 def _corr(v, t, kind: str) -> float:
@@ -374,33 +434,110 @@ def build_value_model(spec: BackboneSpec, objectives: list[str], normalizer: Nor
     return model, tokenizer
 
 
+class PromptGroupSampler(torch.utils.data.Sampler):
+    """Indices grouped by prompt, each prompt's responses together and padded to the largest group by repeating its
+    members, prompts in a fresh seeded order each epoch: with a batch size that is a multiple of the group size,
+    every batch holds whole prompts, which the within-prompt pairwise term needs."""
+
+    def __init__(self, prompt_ids: list[str], seed: int):
+        groups: dict[str, list[int]] = {}
+        for i, pid in enumerate(prompt_ids):
+            groups.setdefault(pid, []).append(i)
+        self.groups = list(groups.values())
+        self.size = max(len(g) for g in self.groups)
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.groups) * self.size
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        self.epoch += 1
+        for g in torch.randperm(len(self.groups), generator=gen).tolist():
+            members = self.groups[g]
+            yield from (members * self.size)[: self.size]
+
+
 def value_trainer_class():
-    """transformers' Trainer with the masked multi-prefix MSE as its loss (built late: importing Trainer is slow)."""
+    """transformers' Trainer with the value loss (the masked multi-prefix MSE, plus the within-prompt pairwise term
+    when `pairwise_weight` > 0, on prompt-grouped batches) and, when `selection` examples are given, an evaluation that
+    scores checkpoints by `selection_score` for `load_best_model_at_end` (built late: importing Trainer is slow)."""
     from transformers import Trainer
 
     class ValueTrainer(Trainer):
+        def __init__(self, *args, pairwise_weight: float = 0.0, pair_margin: float = 0.5,
+                     selection: list[dict] | None = None, objectives: list[str] | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.pairwise_weight, self.pair_margin = pairwise_weight, pair_margin
+            self.selection, self.objectives = selection, objectives
+
+        def _get_train_sampler(self, train_dataset=None):
+            if self.pairwise_weight > 0:
+                return PromptGroupSampler((train_dataset or self.train_dataset)["prompt_id"], self.args.seed)
+            return super()._get_train_sampler(train_dataset)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             values, _ = model(inputs["input_ids"], inputs["attention_mask"])
             loss = value_loss(values, inputs["targets"], inputs["response_mask"])
+            if self.pairwise_weight > 0:
+                loss = loss + self.pairwise_weight * pairwise_loss(values, inputs["targets"], inputs["groups"],
+                                                                   inputs["positions"], self.pair_margin)
             return (loss, values) if return_outputs else loss
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+            if self.selection is None:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            model = self.accelerator.unwrap_model(self.model)
+            was_training = model.training
+            model.eval()
+            values, targets = prefix_values(model, self.selection, self.data_collator.keywords["pad_id"],
+                                            self.args.per_device_eval_batch_size)
+            model.train(was_training)
+            metrics = value_metrics(values, targets, self.objectives, [ex["prompt_id"] for ex in self.selection],
+                                    pair_margin=self.pair_margin)
+            out = {f"{metric_key_prefix}_pair_accuracy": selection_score(metrics, self.objectives)}
+            for g in self.objectives:
+                out[f"{metric_key_prefix}_{g}_pair_accuracy_25"] = metrics[g]["25%"]["within_prompt_pair_accuracy"][
+                    "accuracy"]
+            self.log(out)
+            return out
 
     return ValueTrainer
 
 
 def value_datasets(rollouts, tokenizer, meta: ValueMeta, normalizer: Normalizer, max_length: int,
-                   heldout_fraction: float) -> tuple[list[dict], list[dict]]:
-    """Rollouts → (train, held-out) sequences; every response of a prompt lands on the same side."""
-    from mocd_train.assets import split_of
+                   heldout_fraction: float, validation_fraction: float = 0.0, train_prompts: int | None = None,
+                   samples_per_prompt: int | None = None, seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """Rollouts → (train, validation, held-out) sequences; every response of a prompt lands on one side. The held-out
+    side (reported metrics) depends only on the prompt texts and `heldout_fraction`; validation (checkpoint
+    selection) is carved from the rest with another hash. `train_prompts` / `samples_per_prompt` keep a seeded subset
+    of the training side only — data ablations are then measured on the same held-out prompts."""
+    from mocd_train.assets import split_of, unit_hash
 
     raw = torch.tensor([[row[f"reward_{name}"] for name in meta.objectives] for row in rollouts], dtype=torch.float64)
     targets = normalizer(raw).tolist()
-    train, heldout = [], []
+    sides: dict[str, list[dict]] = {"train": [], "validation": [], "heldout": []}
     for row, target in zip(rollouts, targets):
         ex = value_example(tokenizer, meta, row, target, tokenizer.eos_token_id, max_length)
-        if ex is not None:
-            side = split_of(row["prompt"], heldout_fraction, salt="value-split:")
-            (heldout if side == "heldout" else train).append(ex)
-    if not train or not heldout:
-        raise ConfigError(f"heldout_fraction {heldout_fraction} leaves {len(train)} training and {len(heldout)} "
-                          "held-out sequences; roll out more prompts or change heldout_fraction.")
-    return train, heldout
+        if ex is None:
+            continue
+        if split_of(row["prompt"], heldout_fraction, salt="value-split:") == "heldout":
+            side = "heldout"
+        elif validation_fraction and split_of(row["prompt"], validation_fraction, salt="value-validation:") == "heldout":
+            side = "validation"
+        else:
+            side = "train"
+        ex["sample"] = row.get("sample", 0)
+        sides[side].append(ex)
+    train = sides["train"]
+    if samples_per_prompt is not None:
+        train = [ex for ex in train if ex["sample"] < samples_per_prompt]
+    if train_prompts is not None:
+        keep = sorted({ex["prompt_id"] for ex in train}, key=lambda p: unit_hash(str(p), f"value-subset:{seed}:"))
+        keep = set(keep[:train_prompts])
+        train = [ex for ex in train if ex["prompt_id"] in keep]
+    if not train or not sides["heldout"] or (validation_fraction and not sides["validation"]):
+        raise ConfigError(f"heldout_fraction {heldout_fraction} / validation_fraction {validation_fraction} leave "
+                          f"{len(train)} training, {len(sides['validation'])} validation and {len(sides['heldout'])} "
+                          "held-out sequences; roll out more prompts or change the fractions.")
+    return train, sides["validation"], sides["heldout"]

@@ -33,9 +33,8 @@ def main(argv=None):
     # parse
     cfg = load_config("evaluate", argv)
     names = [s.name for s in parse_objectives(cfg.objectives)]
-    out = prepare_stage(cfg, cfg.name, cfg.overwrite)
 
-    # load
+    # load (and check everything before the old report is replaced)
     normalizer = Normalizer.load(stage_dir(cfg.run_dir, "rollouts") / "normalization.json")
     tables = {m: load_method(cfg.run_dir, m) for m in [cfg.reference] + [m for m in cfg.methods if m != cfg.reference]}
     for m, rows in tables.items():
@@ -44,7 +43,11 @@ def main(argv=None):
             raise ConfigError(f"method {m!r} was scored without {missing}; re-decode it with this run's objectives.")
 
     # compare + report
-    comparison = compare(tables, cfg.reference, names, normalizer)
+    missing = [b for b in cfg.baselines if b not in tables]
+    if missing:
+        raise ConfigError(f"baselines: {missing} are not among the methods {list(tables)}; add them to `methods`.")
+    out = prepare_stage(cfg, cfg.name, cfg.overwrite)
+    comparison = compare(tables, cfg.reference, names, normalizer, cfg.baselines)
     rows = table_rows(comparison)
     plots = [plot_methods(comparison, out / "methods.png"), plot_pareto(comparison, out / "pareto.png"),
              plot_distributions(tables, names, normalizer, out / "distributions.png")]
@@ -52,14 +55,16 @@ def main(argv=None):
     plots += [trace] if trace else []
     samples = {m: rows_[: cfg.samples] for m, rows_ in tables.items()}
     write_html(comparison, rows, plots, out / "report.html", f"{Path(cfg.run_dir).name}: comparison",
-               samples)
+               samples, cfg.note)
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2))
     header = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
     (out / "table.md").write_text(header + "".join("| " + " | ".join(map(str, r.values())) + " |\n" for r in rows))
     wandb_dirs = log_wandb(cfg, comparison, tables, plots) if cfg.report_to == "wandb" else []
     mark_complete(out, {"report": str(out / "report.html"), "methods": list(tables), "wandb": wandb_dirs,
                         "pareto_front": comparison["pareto_front"]})
+    (out / "claims.md").write_text("".join(f"- {c['sentence']}\n" for c in comparison["claims"]))
     print((out / "table.md").read_text())
+    print((out / "claims.md").read_text())
     print(f"report → {out / 'report.html'}")
     return out
 

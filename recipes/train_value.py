@@ -4,10 +4,13 @@
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/train_value.py --config ...
 
 Resumable: a killed run continues from its last checkpoint (value/checkpoints); a complete one is skipped.
-Writes value/model (load with `ValueModel.load`), value/metrics.json (held-out MSE and correlations by position).
+Writes value/model (load with `ValueModel.load`), value/metrics.json (held-out MSE, correlations and within-prompt
+pairwise accuracy by position). With `validation_fraction` the checkpoint with the best validation pairwise accuracy
+is kept; with `pairwise_weight` a within-prompt ranking term joins the paper's regression.
 """
 
 import shutil
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -64,10 +67,23 @@ def main(argv=None):
                 target_modules=cfg.lora_target_modules)
     model, tokenizer = build_value_model(spec, names, normalizer, policy_tokenizer, rollouts_cfg.get("system_prompt"),
                                          lora, cfg.cache_dir)
-    train, heldout = value_datasets(rollouts, tokenizer, model.meta, normalizer, cfg.max_length, cfg.heldout_fraction)
+    train, validation, heldout = value_datasets(rollouts, tokenizer, model.meta, normalizer, cfg.max_length,
+                                                cfg.heldout_fraction, cfg.validation_fraction, cfg.train_prompts,
+                                                cfg.samples_per_prompt, cfg.seed)
+    group = max(Counter(ex["prompt_id"] for ex in train).values())
+    if cfg.pairwise_weight > 0 and cfg.per_device_train_batch_size % group:
+        raise ConfigError(f"per_device_train_batch_size: {cfg.per_device_train_batch_size} is not a multiple of the "
+                          f"{group} samples per prompt; the pairwise term needs whole prompts in a batch.")
+    callbacks = []
+    if cfg.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = value_trainer_class()(
         model=model, args=training_arguments(cfg, out), train_dataset=_dataset(train),
-        data_collator=partial(collate_values, pad_id=tokenizer.pad_token_id))
+        eval_dataset=_dataset(validation) if validation else None, data_collator=partial(collate_values, pad_id=tokenizer.pad_token_id), callbacks=callbacks,
+        pairwise_weight=cfg.pairwise_weight, pair_margin=cfg.pair_margin, selection=validation or None,
+        objectives=names)
 
     # train: from the last checkpoint if there is one
     from transformers.trainer_utils import get_last_checkpoint
@@ -80,13 +96,20 @@ def main(argv=None):
     if state.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model).eval()
         values, targets = prefix_values(model, heldout, tokenizer.pad_token_id, cfg.eval_batch_size)
-        metrics = value_metrics(values, targets, names, [ex["prompt_id"] for ex in heldout])
+        metrics = value_metrics(values, targets, names, [ex["prompt_id"] for ex in heldout],
+                                pair_margin=cfg.pair_margin)
         model.save(out / "model", tokenizer)
         atomic_write_json(out / "metrics.json", metrics)
         trainer.log({f"heldout/{g}/{f}/{k}": v for g in names for f, m in metrics[g].items() for k, v in m.items()})
         tokens = sum(ex["length"] for ex in train) * cfg.num_train_epochs
         summary = {"model": str(out / "model"), "metrics": str(out / "metrics.json"), "train_sequences": len(train),
+                   "train_prompts": len({ex["prompt_id"] for ex in train}), "validation_sequences": len(validation),
                    "heldout_sequences": len(heldout), "train_loss": result.training_loss,
+                   "selected_checkpoint": trainer.state.best_model_checkpoint and
+                   Path(trainer.state.best_model_checkpoint).name,
+                   "selection_metric": trainer.state.best_metric, "steps": trainer.state.global_step,
+                   "validation_history": [h["eval_pair_accuracy"] for h in trainer.state.log_history
+                                          if "eval_pair_accuracy" in h],
                    "train_seconds": result.metrics["train_runtime"],
                    "train_tokens_per_second": tokens / max(result.metrics["train_runtime"], 1e-9),
                    "resumed_from": last, "processes": state.num_processes,
@@ -96,8 +119,9 @@ def main(argv=None):
         print(f"value model: {len(train)} training / {len(heldout)} held-out sequences, "
               f"{summary['train_tokens_per_second']:.0f} tokens/s → {out / 'model'}")
         for g in names:
-            row = "  ".join(f"{f} r={m['pearson']:+.2f} ρ={m['spearman']:+.2f} ρ_prompt={m['within_prompt_spearman']:+.2f}"
-                            for f, m in metrics[g].items())
+            row = "  ".join(f"{f} ρ={m['spearman']:+.2f} ρ_prompt={m['within_prompt_spearman']:+.2f} "
+                            f"pairs={m['within_prompt_pair_accuracy']['accuracy']:.2f}"
+                            f"±{m['within_prompt_pair_accuracy']['se']:.2f}" for f, m in metrics[g].items())
             print(f"  {g:<14} {row}")
     state.wait_for_everyone()
     return out
@@ -113,7 +137,10 @@ def training_arguments(cfg, out: Path):
         num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, lr_scheduler_type="linear", logging_steps=cfg.logging_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, eval_strategy="no",
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        eval_strategy="steps" if cfg.validation_fraction else "no", eval_steps=cfg.save_steps,
+        load_best_model_at_end=bool(cfg.validation_fraction), metric_for_best_model="pair_accuracy",
+        greater_is_better=True, per_device_eval_batch_size=cfg.eval_batch_size,
         train_sampling_strategy="group_by_length", length_column_name="length", remove_unused_columns=False,
         use_cpu=cpu, bf16=not cpu and cfg.dtype in ("auto", "bfloat16"), fp16=not cpu and cfg.dtype == "float16",
         activation_checkpointing=cfg.gradient_checkpointing, report_to=trainer_report_to(cfg, "value"),

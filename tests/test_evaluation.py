@@ -55,6 +55,7 @@ def test_bootstrap_ci_covers_the_mean_and_shrinks_with_more_prompts():
 
 
 def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm, tmp_path):
+    import html
     import json
 
     from datasets import Dataset
@@ -79,7 +80,8 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
                             **{f"reward_{n}": float(raw[i, j]) for j, n in enumerate(names)}}
                            for i in range(30)]).save_to_disk(str(tmp_path / "teach" / method / "dataset"))
     out = recipe("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
-                                   "--methods", "[eval-rmod, eval-other]", "--report_to", "wandb"])
+                                   "--methods", "[eval-rmod, eval-other]", "--report_to", "wandb",
+                                   "--baselines", "[eval-other]", "--note", "smoke-sized run"])
     page = (out / "report.html").read_text()
     assert all(m in page for m in ["eval-pi_ref", "eval-rmod", "eval-other"]) and page.count("data:image/png") == 4
     for png in ["methods", "pareto", "distributions", "rmod_trace"]:
@@ -90,6 +92,22 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
     assert comparison["methods"]["eval-rmod"]["vs_reference"]["worst_case_win_rate"] == pytest.approx(expected)
     runs = json.loads((out / "DONE.json").read_text())["wandb"]
     assert len(runs) == 3 and all("offline-run" in r for r in runs)
+    # one claim per method and comparator, stated in the report with its interval
+    claims = {(c["method"], c["versus"]): c for c in comparison["claims"]}
+    assert set(claims) == {("eval-rmod", "eval-pi_ref"), ("eval-other", "eval-pi_ref"), ("eval-rmod", "eval-other"),
+                           ("eval-pi_ref", "eval-other")}
+    c = claims[("eval-rmod", "eval-pi_ref")]
+    assert c["diff"] == pytest.approx(float((a - b).mean()))
+    assert c["significant"] == (c["ci"][0] > 0 or c["ci"][1] < 0) and c["ci"][0] <= c["diff"] <= c["ci"][1]
+    verdict = "significant" if c["significant"] else "not significant"
+    text = html.unescape(page)
+    assert f"eval-rmod {'>' if c['diff'] > 0 else '<'} eval-pi_ref: {c['diff']:+.3f}" in text and verdict in text
+    assert "smoke-sized run" in page and c["sentence"] in (out / "claims.md").read_text()
+    # a mistake in the methods list is refused before the finished report is touched
+    with pytest.raises(Exception, match="eval-rmdo"):
+        recipe("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
+                                 "--methods", "[eval-rmdo]", "--report_to", "none"])
+    assert (out / "report.html").read_text() == page
 
 
 def test_hypervolume_is_exact_in_float64():

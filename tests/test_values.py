@@ -161,7 +161,7 @@ def test_value_examples_mask_only_the_response(tiny_lm, tmp_path):
     rows = load_from_disk(str(tmp_path / "rollouts" / "dataset"))
     norm = Normalizer.load(tmp_path / "rollouts" / "normalization.json")
     model, tok = value_model(tiny_lm)
-    train, held = value_datasets(rows, tok, model.meta, norm, 512, 0.25)
+    train, _, held = value_datasets(rows, tok, model.meta, norm, 512, 0.25)
     assert len(train) + len(held) == len(rows)
     batch = collate_values(train[:4], tok.pad_token_id)
     for i, ex in enumerate(train[:4]):
@@ -190,3 +190,84 @@ def test_trains_under_deepspeed_zero2_launch(tiny_lm, tmp_path):
     summary = json.loads((tmp_path / "value" / "DONE.json").read_text())
     assert summary["deepspeed"] is True
     ValueModel.load(tmp_path / "value" / "model", objectives=OBJECTIVES)
+
+
+def test_pair_accuracy_counts_pairs_by_brute_force_with_a_prompt_clustered_se():
+    from itertools import combinations
+
+    import numpy as np
+
+    from mocd_train.values import pair_accuracy
+
+    rng = np.random.default_rng(0)
+    prompts = {f"p{i}": list(range(6 * i, 6 * i + 6)) for i in range(40)}
+    t = rng.normal(size=240)
+    v = np.round(t + rng.normal(size=240), 1)  # rounded: some ties in v
+    hits = pairs = 0
+    for idx in prompts.values():
+        for i, j in combinations(idx, 2):
+            if abs(t[i] - t[j]) >= 0.5:
+                pairs += 1
+                hits += 1.0 if (t[i] - t[j]) * (v[i] - v[j]) > 0 else 0.5 if v[i] == v[j] else 0.0
+    got = pair_accuracy(v, t, prompts, 0.5)
+    assert got["pairs"] == pairs and got["accuracy"] == pytest.approx(hits / pairs)
+    boot = []  # the clustered SE against a bootstrap over prompts
+    keys = list(prompts)
+    for b in range(2000):
+        pick = rng.choice(len(keys), len(keys))
+        sub = {f"{k}-{n}": prompts[keys[k]] for n, k in enumerate(pick)}
+        boot.append(pair_accuracy(v, t, sub, 0.5)["accuracy"])
+    assert got["se"] == pytest.approx(float(np.std(boot)), rel=0.15)
+    assert pair_accuracy(v, t, {"a": [0]}, 0.5)["pairs"] == 0
+
+
+def test_pairwise_loss_equals_a_loop_over_qualifying_pairs():
+    import math
+
+    from mocd_train.values import pairwise_loss
+
+    g = torch.Generator().manual_seed(0)
+    values, targets = torch.randn(6, 9, 2, generator=g), torch.randn(6, 2, generator=g)
+    groups, positions = torch.tensor([0, 0, 0, 1, 1, 2]), torch.randint(0, 9, (6, 3), generator=g)
+    terms = []
+    for i in range(6):
+        for j in range(i + 1, 6):
+            for o in range(2):
+                d = float(targets[i, o] - targets[j, o])
+                if groups[i] == groups[j] and abs(d) >= 0.3:
+                    for f in range(3):
+                        gap = float(values[i, positions[i, f], o] - values[j, positions[j, f], o])
+                        terms.append(math.log1p(math.exp(-math.copysign(1, d) * gap)))
+    assert float(pairwise_loss(values, targets, groups, positions, 0.3)) == pytest.approx(sum(terms) / len(terms))
+    assert float(pairwise_loss(values, targets, torch.arange(6), positions, 0.3)) == 0.0
+
+
+def test_prompt_group_sampler_keeps_prompts_whole_and_reshuffles():
+    from mocd_train.values import PromptGroupSampler
+
+    ids = [f"p{i}" for i in range(10) for _ in range(4)] + ["short", "short"]  # one prompt lost two responses
+    sampler = PromptGroupSampler(ids, seed=3)
+    first, second = list(sampler), list(sampler)
+    assert len(first) == len(sampler) == 44 and sorted(set(first)) == list(range(42))
+    for order in (first, second):
+        for b in range(0, 44, 4):  # consecutive blocks of 4 are one prompt: batches of 4·c hold whole prompts
+            assert len({ids[i] for i in order[b : b + 4]}) == 1
+    assert first != second
+
+
+def test_pairwise_term_and_validation_selection_train_end_to_end(tiny_lm, tmp_path):
+    synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=48)
+    out = recipe("train_value").main(train_args(
+        tmp_path, tiny_lm, "--num_train_epochs", "4", "--pairwise_weight", "1.0", "--per_device_train_batch_size",
+        "8", "--validation_fraction", "0.25", "--save_steps", "5", "--pair_margin", "0.1"))
+    done = json.loads((out / "DONE.json").read_text())
+    history = json.loads((out / "metrics.json").read_text())
+    assert done["validation_sequences"] > 0 and done["selected_checkpoint"].startswith("checkpoint-")
+    assert done["selection_metric"] == pytest.approx(max(done["validation_history"]))
+    for g in OBJECTIVES:
+        pa = history[g]["25%"]["within_prompt_pair_accuracy"]
+        assert pa["pairs"] > 0 and 0 <= pa["accuracy"] <= 1
+    synthetic_rollouts(tmp_path / "x", tiny_lm, tuple(OBJECTIVES), num_prompts=8)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        recipe("train_value").main(train_args(tmp_path / "x", tiny_lm, "--pairwise_weight", "1.0",
+                                              "--per_device_train_batch_size", "6"))
