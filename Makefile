@@ -9,7 +9,7 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 export WANDB_MODE ?= offline
 
-.PHONY: setup run test bench clean-run
+.PHONY: setup run test lint bench clean-run
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -ra tests
+
+lint: setup
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/python bench/rollouts.py

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from mocd_train.assets import load_prompts  # noqa: E402
 from mocd_train.data import rollouts_config  # noqa: E402
 from mocd_train.decoding.map_d import MapD  # noqa: E402
-from mocd_train.palette import load_palette  # noqa: E402
 from mocd_train.models import load_causal_lm, resolve_device  # noqa: E402
+from mocd_train.palette import load_palette  # noqa: E402
 from mocd_train.rewards import RewardSet  # noqa: E402
 from mocd_train.rundir import stage_dir  # noqa: E402
 
@@ -40,7 +40,8 @@ def main() -> None:
 
     ro = rollouts_config(args.run_dir)
     names = [o if isinstance(o, str) else o["name"] for o in ro["objectives"]]
-    path = Path(args.palette) if args.palette.endswith(".json") else stage_dir(args.run_dir, "palette") / f"{args.palette}.json"
+    path = (Path(args.palette) if args.palette.endswith(".json")
+            else stage_dir(args.run_dir, "palette") / f"{args.palette}.json")
     palette = load_palette(path, names)
     prompts = load_prompts(ro["prompt_sources"], "heldout", ro["heldout_fraction"], args.prompts, ro["prompts_file"])
     device = resolve_device("auto", "cuda" if torch.cuda.is_available() else "cpu")

@@ -97,7 +97,8 @@ def main():
         torch.manual_seed(0)
         seconds = timed(lambda d=dec: d.generate(prompts, torch.Generator().manual_seed(0)), args.repeats)
         result["tokens_per_s"][name] = round(tokens / seconds, 1)
-    ids = tok(chat_texts(tok, prompts), add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left")
+    ids = tok(chat_texts(tok, prompts), add_special_tokens=False, return_tensors="pt", padding=True,
+              padding_side="left")
     seconds = timed(lambda: single_model.generate(**ids, do_sample=True, max_new_tokens=t, min_new_tokens=t,
                                                   pad_token_id=tok.pad_token_id), args.repeats)
     result["tokens_per_s"]["generate"] = round(tokens / seconds, 1)

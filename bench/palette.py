@@ -127,8 +127,8 @@ def main() -> None:
                if a.feasible and b.feasible][:5]
     result.update({
         "grouped_prompts": int(groups[-1] + 1),
-        "ms_per_solve_pooled": float(np.median([timed(lambda: solve_palette(r, p), repeat) for p in grouped])),
-        "ms_per_solve_grouped": float(np.median([timed(lambda: solve_palette(r, p, groups), repeat)
+        "ms_per_solve_pooled": float(np.median([timed(lambda p=p: solve_palette(r, p), repeat) for p in grouped])),
+        "ms_per_solve_grouped": float(np.median([timed(lambda p=p: solve_palette(r, p, groups), repeat)
                                                  for p in grouped])),
         "ms_lp_margin_grouped": timed(lambda: lp_margin(r, grouped[0], groups), repeat),
         "grouped_lp_margin_max_abs_diff_vs_full_lp": float(max(abs(full_lp_grouped(r, p, groups)

@@ -27,7 +27,8 @@ from mocd_train.data import load_rollouts  # noqa: E402
 def recipe():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_policy", Path(__file__).parents[1] / "recipes" / "train_policy.py")
+    spec = importlib.util.spec_from_file_location("train_policy",
+                                                  Path(__file__).parents[1] / "recipes" / "train_policy.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

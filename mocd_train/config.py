@@ -71,7 +71,8 @@ class RolloutsConfig(CommonConfig):
         default=None, metadata=_help("A .jsonl/.json/.txt file of your own prompts (field 'prompt' per JSON line), or "
                                      "hf:<dataset>[@split] (a 'prompt' column or HH 'chosen' transcripts).")
     )
-    split: Literal["train", "heldout"] = field(default="train", metadata=_help("Which deterministic split to roll out (applies to prompts_file too)."))
+    split: Literal["train", "heldout"] = field(
+        default="train", metadata=_help("Which deterministic split to roll out (applies to prompts_file too)."))
     heldout_fraction: float = field(default=0.2, metadata=_help("Share of prompts held out for evaluation."))
     max_prompts: int | None = field(
         default=None, metadata=_help("Use at most this many prompts, balanced across sources (None = all).")
@@ -92,7 +93,8 @@ class RolloutsConfig(CommonConfig):
     )
     score_batch_size: int = field(default=64, metadata=_help("Texts per batch for the scorers."))
     normalization: Literal["zscore", "none"] = field(
-        default="zscore", metadata=_help("Per-objective normalisation fitted on these rollouts (docs/algorithms.md §1).")
+        default="zscore",
+        metadata=_help("Per-objective normalisation fitted on these rollouts (docs/algorithms.md §1).")
     )
     overwrite: bool = field(default=False, metadata=_help("Delete existing rollouts in run_dir and start over."))
 
@@ -374,7 +376,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}.{hint}")
     if origin is list or tp is list:
         if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}. Write it as [a, b] in YAML or on the command line.")
+            raise ConfigError(f"{key}: expected a list, got {value!r}. Write it as [a, b] in YAML or on the command "
+                              "line.")
         (item_tp,) = args or (Any,)
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
@@ -518,7 +521,8 @@ def _check_teach(cfg: TeachConfig) -> None:
     if cfg.decoder == "cd_single" and cfg.objective not in names:
         raise ConfigError(f"objective: cd_single needs one of {names}, got {cfg.objective!r}.")
     if cfg.decoder == "cd_fixed" and (cfg.weights is None or len(cfg.weights) != len(names)):
-        raise ConfigError(f"weights: cd_fixed needs {len(names)} weights (one per objective {names}), got {cfg.weights}.")
+        raise ConfigError(f"weights: cd_fixed needs {len(names)} weights (one per objective {names}), "
+                          f"got {cfg.weights}.")
     if cfg.decoder in ("mod", "soup"):
         if not cfg.policies:
             raise ConfigError(f"policies: {cfg.decoder} combines trained policies; name them, e.g. "
@@ -599,11 +603,13 @@ def _check_distill(cfg: DistillConfig) -> None:
 
 def _check_evaluate(cfg: EvaluateConfig) -> None:
     if not cfg.methods:
-        raise ConfigError("methods: name the teacher datasets to compare, e.g. --methods '[eval-rmod, eval-cd_uniform]'.")
+        raise ConfigError("methods: name the teacher datasets to compare, e.g. "
+                          "--methods '[eval-rmod, eval-cd_uniform]'.")
 
 
-_CHECKS = {EvaluateConfig: _check_evaluate, RolloutsConfig: _check_rollouts, ValueConfig: _check_value, PaletteConfig: _check_palette,
-           TeachConfig: _check_teach, PolicyConfig: _check_policy, DistillConfig: _check_distill}
+_CHECKS = {EvaluateConfig: _check_evaluate, RolloutsConfig: _check_rollouts, ValueConfig: _check_value,
+           PaletteConfig: _check_palette, TeachConfig: _check_teach, PolicyConfig: _check_policy,
+           DistillConfig: _check_distill}
 
 
 def _fraction(cfg: Any, key: str) -> None:

@@ -104,7 +104,8 @@ def read_chunks(shard_dir: Path, num_items: int, chunk_size: int, stage: str) ->
     n_chunks = (num_items + chunk_size - 1) // chunk_size
     missing = [c for c in range(n_chunks) if not chunk_path(shard_dir, c).is_file()]
     if missing:
-        raise RuntimeError(f"{stage}: chunks {missing[:10]} are missing in {shard_dir}; re-run the stage to finish them.")
+        raise RuntimeError(f"{stage}: chunks {missing[:10]} are missing in {shard_dir}; re-run the stage to finish "
+                           "them.")
     return [json.loads(chunk_path(shard_dir, c).read_text()) for c in range(n_chunks)]
 
 

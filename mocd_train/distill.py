@@ -87,7 +87,8 @@ def response_logprob(model, examples: list[dict], pad_id: int, batch_size: int =
 
 
 def model_card(name: str, student: str, teachers: dict, objectives: list[str], stats: dict, metrics: dict) -> str:
-    lines = [f"# {name}", "", "A student distilled by [mocd_train](https://github.com/) from decoding-time teachers. It is "
+    lines = [f"# {name}", "",
+             "A student distilled by [mocd_train](https://github.com/) from decoding-time teachers. It is "
              "a plain transformers checkpoint:", "", "```python",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
              f'model = AutoModelForCausalLM.from_pretrained("{name}")',

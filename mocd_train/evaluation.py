@@ -149,7 +149,8 @@ def claim(label: str, rows: list[dict], versus: str, versus_rows: list[dict], na
     a, b = align(rows, versus_rows)
 
     def worst(rs):
-        return normalizer(torch.tensor([[r[f"reward_{g}"] for g in names] for r in rs], dtype=torch.float64)).min(1).values
+        raw = torch.tensor([[r[f"reward_{g}"] for g in names] for r in rs], dtype=torch.float64)
+        return normalizer(raw).min(1).values
 
     diff = worst(a) - worst(b)
     mean, (lo, hi) = float(diff.mean()), bootstrap_ci(diff, level)

@@ -439,8 +439,8 @@ def load_palette(palette: str | Path, objectives: list[str], run_dir: str | Path
     lam = record.get("lam")
     if not isinstance(lam, list) or len(lam) != len(objectives) or not all(
             isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in lam):
-        raise PaletteError(f"palette {path}: λ = {lam} is not {len(objectives)} finite numbers ≥ 0; the file is damaged "
-                           "or was edited by hand. Solve the palette again.")
+        raise PaletteError(f"palette {path}: λ = {lam} is not {len(objectives)} finite numbers ≥ 0; the file is "
+                           "damaged or was edited by hand. Solve the palette again.")
     return {**record, "path": str(path)}
 
 

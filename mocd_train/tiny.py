@@ -120,7 +120,8 @@ def synthetic_rollouts(run_dir: str | Path, model: str, objectives: tuple[str, .
     rng = random.Random(seed)
     tokenizer = load_tokenizer(model)
     specials = set(tokenizer.all_special_ids)
-    pool = rng.sample([i for i in range(len(tokenizer)) if i not in specials], 32)  # few ids: learnable from little data
+    # few ids: learnable from little data
+    pool = rng.sample([i for i in range(len(tokenizer)) if i not in specials], 32)
     out = stage_dir(run_dir, "rollouts")
     rows = []
     for p in range(num_prompts):

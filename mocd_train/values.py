@@ -523,7 +523,8 @@ def value_datasets(rollouts, tokenizer, meta: ValueMeta, normalizer: Normalizer,
             continue
         if split_of(row["prompt"], heldout_fraction, salt="value-split:") == "heldout":
             side = "heldout"
-        elif validation_fraction and split_of(row["prompt"], validation_fraction, salt="value-validation:") == "heldout":
+        elif validation_fraction and split_of(row["prompt"], validation_fraction,
+                                              salt="value-validation:") == "heldout":
             side = "validation"
         else:
             side = "train"

@@ -6,8 +6,8 @@ and export one standalone checkpoint that plain `AutoModelForCausalLM.from_pretr
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/distill.py --config ... \
         --use_lora false                                   # full fine-tuning of a larger student
 
-Writes <run_dir>/distill/<name>/student (the checkpoint; with LoRA also adapter/) and DONE.json with the student's mean log-likelihood of
-held-out teacher responses before and after training; resumes from its last checkpoint.
+Writes <run_dir>/distill/<name>/student (the checkpoint; with LoRA also adapter/) and DONE.json with the student's
+mean log-likelihood of held-out teacher responses before and after training; resumes from its last checkpoint.
 """
 
 import shutil
@@ -16,8 +16,15 @@ import time
 from mocd_train.cli import run_stage
 from mocd_train.config import load_config
 from mocd_train.data import rollouts_config
-from mocd_train.distill import (export_student, mix_teachers, mod_teacher, model_card, response_logprob, split_heldout,
-                                token_kl_trainer)
+from mocd_train.distill import (
+    export_student,
+    mix_teachers,
+    mod_teacher,
+    model_card,
+    response_logprob,
+    split_heldout,
+    token_kl_trainer,
+)
 from mocd_train.models import load_causal_lm, process_state, resolve_device
 from mocd_train.policies import completion_examples, sft_trainer
 from mocd_train.rewards import Normalizer, parse_objectives

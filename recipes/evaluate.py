@@ -13,8 +13,15 @@ from pathlib import Path
 from mocd_train.cli import run_stage
 from mocd_train.config import ConfigError, load_config
 from mocd_train.evaluation import compare
-from mocd_train.report import log_wandb, plot_distributions, plot_methods, plot_pareto, plot_traces, table_rows, \
-    write_html
+from mocd_train.report import (
+    log_wandb,
+    plot_distributions,
+    plot_methods,
+    plot_pareto,
+    plot_traces,
+    table_rows,
+    write_html,
+)
 from mocd_train.rewards import Normalizer, parse_objectives
 from mocd_train.rundir import mark_complete, prepare_stage, stage_dir
 

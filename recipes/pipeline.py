@@ -6,7 +6,8 @@ rollouts → value → palette → policies → teachers → distillation → ev
 
 A step whose output is complete is skipped and a partial one resumes (each stage's own rule), so re-running after an
 interruption redoes only what is missing. Command-line keys (`--run_dir`, `--seed`, `--report_to`, `--device`, ...)
-apply to every step; "{run_dir}" in a step's value is replaced by the run directory. Writes <run_dir>/pipeline.json with each step's wall time.
+apply to every step; "{run_dir}" in a step's value is replaced by the run directory. Writes <run_dir>/pipeline.json
+with each step's wall time.
 """
 
 import importlib.util

@@ -56,7 +56,8 @@ def main(argv=None):
 
     # save + report
     record = {"name": cfg.name, "objectives": names, "spec": cfg.targets, **sol.to_dict(),
-              "num_pilot_samples": len(rewards), "grouping": cfg.grouping, "rollouts": str(stage_dir(cfg.run_dir, "rollouts")),
+              "num_pilot_samples": len(rewards), "grouping": cfg.grouping,
+              "rollouts": str(stage_dir(cfg.run_dir, "rollouts")),
               "normalization": normalizer.__dict__, "adjusted": adjusted if cfg.auto_adjust != "none" else None,
               "suggested": None if sol.feasible else {**adjusted, "palette": new.tolist()},
               "sensitivity": sensitivity(rewards, sol.lam, groups).tolist() if sol.feasible else None}

@@ -23,8 +23,17 @@ from mocd_train.config import load_config
 from mocd_train.data import load_rollouts, rollouts_config
 from mocd_train.models import load_causal_lm, process_state, resolve_device
 from mocd_train.palette import load_palette
-from mocd_train.policies import (completion_examples, dpo_trainer, fixed_reward, grpo_trainer, objective_weights,
-                                 ppo_trainer, preference_pairs, save_policy, sft_trainer)
+from mocd_train.policies import (
+    completion_examples,
+    dpo_trainer,
+    fixed_reward,
+    grpo_trainer,
+    objective_weights,
+    ppo_trainer,
+    preference_pairs,
+    save_policy,
+    sft_trainer,
+)
 from mocd_train.rewards import RewardSet, parse_objectives
 from mocd_train.rundir import is_complete, mark_complete, prepare_stage, teacher_dataset
 from mocd_train.values import check_objectives

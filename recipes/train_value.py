@@ -14,7 +14,6 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
-
 from mocd_train.assets import resolve_model
 from mocd_train.cli import run_stage
 from mocd_train.config import ConfigError, load_config
@@ -81,7 +80,8 @@ def main(argv=None):
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = value_trainer_class()(
         model=model, args=training_arguments(cfg, out), train_dataset=_dataset(train),
-        eval_dataset=_dataset(validation) if validation else None, data_collator=partial(collate_values, pad_id=tokenizer.pad_token_id), callbacks=callbacks,
+        eval_dataset=_dataset(validation) if validation else None,
+        data_collator=partial(collate_values, pad_id=tokenizer.pad_token_id), callbacks=callbacks,
         pairwise_weight=cfg.pairwise_weight, pair_margin=cfg.pair_margin, selection=validation or None,
         objectives=names)
 

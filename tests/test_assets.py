@@ -25,7 +25,8 @@ def test_prompt_sets_splits_are_disjoint_deterministic_and_balanced():
 def test_prompts_file(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text('{"prompt": "Hi there"}\n{"prompt": "Tell me about owls"}\n')
-    assert [p.text for p in assets.load_prompts(split=None, prompts_file=str(path))] == ["Hi there", "Tell me about owls"]
+    texts = [p.text for p in assets.load_prompts(split=None, prompts_file=str(path))]
+    assert texts == ["Hi there", "Tell me about owls"]
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match="item 0 has no string field 'prompt'"):
         assets.prompts_from_file(str(tmp_path / "bad.jsonl"))

@@ -30,7 +30,8 @@ def distill_args(run_dir, lm, *extra):
 
 
 def test_student_learns_the_teacher_and_deploys_without_mocd_train(tiny_lm, tmp_path):
-    """Full fine-tuning (the ZeRO-3 path): held-out teacher likelihood rises; the checkpoint runs in plain transformers."""
+    """Full fine-tuning (the ZeRO-3 path): held-out teacher likelihood rises; the checkpoint runs in plain
+    transformers."""
     synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=4)
     teacher(tmp_path, "rmod", teacher_rows(48))
     out = recipe("distill").main(distill_args(tmp_path, tiny_lm, "--teachers", "{rmod: 1.0}", "--use_lora", "false",

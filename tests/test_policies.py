@@ -2,11 +2,11 @@ import json
 
 import pytest
 import torch
+from test_rollouts import killed_at, recipe
 
 from mocd_train.config import ConfigError
 from mocd_train.rewards.base import register
 from mocd_train.tiny import synthetic_rollouts
-from test_rollouts import killed_at, recipe
 
 OBJECTIVES = ["readability", "positivity"]
 
@@ -228,7 +228,8 @@ def test_text_reward_scores_what_trl_ppo_reads(tiny_lm):
     responses = [tok.encode("yes", add_special_tokens=False), tok.encode("no way", add_special_tokens=False)]
     width = max(map(len, ids))
     pad = tok.pad_token_id
-    rows = [[pad] * (width - len(i)) + i + r + [tok.eos_token_id] + [pad] * (5 - len(r)) for i, r in zip(ids, responses)]
+    rows = [[pad] * (width - len(i)) + i + r + [tok.eos_token_id] + [pad] * (5 - len(r))
+            for i, r in zip(ids, responses)]
     _, score, _ = get_reward(reward, torch.tensor(rows), pad, width)
     texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
     assert seen == [(prompts, texts)]

@@ -148,7 +148,8 @@ def test_objectives_must_match_the_rollouts(tiny_lm, tmp_path):
     synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=8)
     args = train_args(tmp_path, tiny_lm)
     args[args.index("--objectives") + 1] = "[positivity, readability]"
-    with pytest.raises(ConfigError, match=r"objectives \['readability', 'positivity'\].*\['positivity', 'readability'\]"):
+    expected = r"objectives \['readability', 'positivity'\].*\['positivity', 'readability'\]"
+    with pytest.raises(ConfigError, match=expected):
         recipe("train_value").main(args)
 
 
@@ -213,7 +214,7 @@ def test_pair_accuracy_counts_pairs_by_brute_force_with_a_prompt_clustered_se():
     assert got["pairs"] == pairs and got["accuracy"] == pytest.approx(hits / pairs)
     boot = []  # the clustered SE against a bootstrap over prompts
     keys = list(prompts)
-    for b in range(2000):
+    for _ in range(2000):
         pick = rng.choice(len(keys), len(keys))
         sub = {f"{k}-{n}": prompts[keys[k]] for n, k in enumerate(pick)}
         boot.append(pair_accuracy(v, t, sub, 0.5)["accuracy"])

@@ -46,7 +46,8 @@ def fixed_weights_rule(weights: list[float]) -> Rule:
 
 
 def maximin_rule() -> Rule:
-    """CD-maximin: the candidate whose worst objective is best (docs/algorithms.md §3: the natural large-κ comparison)."""
+    """CD-maximin: the candidate whose worst objective is best (docs/algorithms.md §3: the natural large-κ
+    comparison)."""
 
     def rule(values, generator):
         worst = values.min(-1)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from mocd_train.errors import ConfigError, NonFiniteError
 from mocd_train.data import chat_texts, eos_ids
 from mocd_train.decoding.engine import Decoded, _left_pad, in_batches, positions, sample_tokens
+from mocd_train.errors import ConfigError, NonFiniteError
 
 RULES = ("reverse_kl", "forward_kl", "js", "alpha")
 LOG2 = math.log(2.0)

@@ -195,7 +195,8 @@ def _solve(u, kap, centre, rtol, max_iter):
     stall = torch.zeros(n, dtype=torch.long, device=dev)
     running = torch.ones(n, dtype=torch.bool, device=dev)
     it = 0
-    for it in range(1, max_iter + 1):
+    while it < max_iter and bool(running.any()):
+        it += 1
         idx = running.nonzero().flatten()
         at = torch.arange(len(idx), device=dev)
         wi, ui = w[idx], u[idx]
@@ -253,8 +254,6 @@ def _solve(u, kap, centre, rtol, max_iter):
         w_next = torch.where((f_new <= f + noise)[:, None], w_new, wi)
         w[idx] = torch.where(advance[:, None], pred, w_next) if bool(advance.any()) else w_next
         running[idx] = ~(done | (stall[idx] >= 3))
-        if not bool(running.any()):
-            break
     return best_w, it
 
 

@@ -93,7 +93,8 @@ def parse_objectives(items: list) -> list[ObjectiveSpec]:
     return specs
 
 
-def build_reward(spec: ObjectiveSpec, device: str | torch.device = "cpu", cache_dir: str | None = None) -> RewardFunction:
+def build_reward(spec: ObjectiveSpec, device: str | torch.device = "cpu",
+                 cache_dir: str | None = None) -> RewardFunction:
     factory = _registry()[spec.type]
     kwargs = dict(spec.options)
     params = inspect.signature(factory).parameters

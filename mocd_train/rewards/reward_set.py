@@ -33,7 +33,8 @@ class Normalizer:
         for name, s, m in zip(objectives, std.tolist(), mean.tolist()):
             if s < 1e-3 * max(1.0, abs(m)):
                 warnings.warn(f"objective {name!r} is nearly constant on the reference rollouts (std {s:.2e}); "
-                              "it carries no signal and will attract worst-case weight. Consider dropping it.")
+                              "it carries no signal and will attract worst-case weight. Consider dropping it.",
+                              stacklevel=2)
         return cls(objectives, mean.tolist(), std.clamp(min=cls.MIN_STD).tolist(), method, len(raw))
 
     def __call__(self, raw: torch.Tensor) -> torch.Tensor:

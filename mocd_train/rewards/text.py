@@ -15,7 +15,6 @@ import torch
 
 from mocd_train.rewards.base import register
 
-
 # ------------------------------------------------------------------------------------------------- embeddings
 
 
@@ -243,16 +242,17 @@ class RefusalDetector:
         self.probe = _LinearProbe.fit_or_load(_probe_path(cache_dir, "refusal", heldout_fraction), self._data)
 
     def _data(self):
-        from mocd_train.assets import package_path
-
         import yaml
+
+        from mocd_train.assets import package_path
 
         answers = []
         for path in sorted(package_path("chatterbot-corpus", "chatterbot_corpus/data/english").glob("*.yml")):
             for conv in (yaml.safe_load(path.read_text()) or {}).get("conversations") or []:
                 answers += [a for a in conv[1:] if isinstance(a, str) and len(a.split()) >= 4]
         harmful = [p.text for p in _train_prompts(self.heldout_fraction) if p.harmful]
-        comply = [_COMPLY_OPENERS[i % len(_COMPLY_OPENERS)].format(p=_lowercase_first(p)) for i, p in enumerate(harmful)]
+        comply = [_COMPLY_OPENERS[i % len(_COMPLY_OPENERS)].format(p=_lowercase_first(p))
+                  for i, p in enumerate(harmful)]
         negatives = list(dict.fromkeys(answers + comply))
         x = self.encoder.encode(negatives + REFUSALS)  # class_weight="balanced" evens out the class sizes
         return x, np.r_[np.zeros(len(negatives)), np.ones(len(REFUSALS))]
