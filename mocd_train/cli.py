@@ -6,12 +6,13 @@ import argparse
 import json
 import sys
 
-from mocd_train.config import STAGES, ConfigError, build_config, pipeline_steps, read_yaml, stage_values
+from mocd_train.config import STAGES, build_config, pipeline_steps, read_yaml, stage_values
+from mocd_train.errors import ConfigError
 
 
 def run_stage(main) -> None:
     """Run a recipe's main(); configuration and asset mistakes exit with one clear line, not a traceback."""
-    from mocd_train.assets import AssetError
+    from mocd_train.assets import AssetError  # late: `mocd --help` stays fast
 
     try:
         main()
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts.add_argument("--heldout_fraction", type=float, default=0.2)
     args = parser.parse_args(argv)
 
-    from mocd_train import assets as A
+    from mocd_train import assets as A  # late: `mocd --help` stays fast
 
     try:
         if args.command == "assets":
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             for path in args.config:
                 _validate(path)
         elif args.command == "rewards":
-            from mocd_train.rewards import reward_types
+            from mocd_train.rewards import reward_types  # late: imports torch
 
             for name, text in reward_types().items():
                 print(f"{name:16s} {text}")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mocd_train.assets import PROMPT_SOURCES
 from mocd_train.errors import ConfigError  # noqa: F401  (re-exported: the name callers import from here)
 
 
@@ -444,7 +445,7 @@ def build_config(cls: type, values: dict[str, Any], where: str = "config") -> An
 
 def validate(cfg: CommonConfig) -> None:
     """Checks that need more than a type: objective names, files, ranges."""
-    from mocd_train.rewards import parse_objectives  # late: rewards imports config
+    from mocd_train.rewards import parse_objectives  # late: the reward registry imports torch; --help needs neither
 
     parse_objectives(cfg.objectives)
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
@@ -455,7 +456,6 @@ def validate(cfg: CommonConfig) -> None:
 
 
 def _check_rollouts(cfg: RolloutsConfig) -> None:
-    from mocd_train.assets import PROMPT_SOURCES
 
     if cfg.prompts_file is not None and not cfg.prompts_file.startswith("hf:") and not Path(cfg.prompts_file).is_file():
         raise ConfigError(f"prompts_file: {cfg.prompts_file!r} does not exist. Give a path to a .jsonl/.json/.txt "
@@ -497,7 +497,7 @@ def _check_value(cfg: ValueConfig) -> None:
 
 
 def _check_palette(cfg: PaletteConfig) -> None:
-    from mocd_train.rewards import parse_objectives
+    from mocd_train.rewards import parse_objectives  # late: imports torch
 
     names = [o.name for o in parse_objectives(cfg.objectives)]
     for key in list(cfg.targets) + list(cfg.priority or []):
@@ -512,7 +512,7 @@ def _check_palette(cfg: PaletteConfig) -> None:
 
 
 def _check_teach(cfg: TeachConfig) -> None:
-    from mocd_train.rewards import parse_objectives
+    from mocd_train.rewards import parse_objectives  # late: imports torch
 
     names = [o.name for o in parse_objectives(cfg.objectives)]
     _positive(cfg, "num_candidates", "block_size", "max_new_tokens", "batch_size", "chunk_size")
@@ -539,7 +539,7 @@ def _check_teach(cfg: TeachConfig) -> None:
 
 
 def _check_policy(cfg: PolicyConfig) -> None:
-    from mocd_train.rewards import parse_objectives
+    from mocd_train.rewards import parse_objectives  # late: imports torch
 
     names = [o.name for o in parse_objectives(cfg.objectives)]
     _positive(cfg, "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lora_r",

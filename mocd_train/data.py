@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mocd_train.assets import Prompt
 from mocd_train.rewards import Normalizer, RewardSet
-from mocd_train.rundir import atomic_write_json
+from mocd_train.rundir import atomic_write_json, is_complete, stage_dir
 
 
 def chat_texts(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[str]:
@@ -174,7 +174,6 @@ def rollouts_config(run_dir: str | Path) -> dict:
     """The saved config of a run's rollouts: its prompt sets, split and system prompt are what later stages reuse."""
     import yaml
 
-    from mocd_train.rundir import stage_dir
 
     path = stage_dir(run_dir, "rollouts") / "config.yaml"
     if not path.is_file():
@@ -186,7 +185,6 @@ def load_rollouts(run_dir: str | Path):
     """(dataset, normalizer) of a completed rollouts stage."""
     from datasets import load_from_disk
 
-    from mocd_train.rundir import is_complete, stage_dir
 
     d = stage_dir(run_dir, "rollouts")
     if not is_complete(d):

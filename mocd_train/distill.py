@@ -11,7 +11,10 @@ from pathlib import Path
 import torch
 
 from mocd_train.assets import unit_hash
-from mocd_train.config import ConfigError
+from mocd_train.decoding.engine import positions
+from mocd_train.decoding.mod import Mod, PolicySet
+from mocd_train.errors import ConfigError
+from mocd_train.policies import adapter_of, common_args, load_policy, lora_config, pad_examples
 from mocd_train.rewards import Normalizer
 from mocd_train.rundir import teacher_dataset
 
@@ -69,8 +72,6 @@ def split_heldout(rows: list[dict], fraction: float, seed: int = 0) -> tuple[lis
 @torch.no_grad()
 def response_logprob(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> float:
     """Mean per-token log-likelihood under `model` of the tokens the training loss covers (`completion_examples`)."""
-    from mocd_train.decoding.engine import positions
-    from mocd_train.policies import pad_examples
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
@@ -125,8 +126,6 @@ def token_kl_trainer(cfg, student, tokenizer, examples: list[dict], teacher, out
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from mocd_train.decoding.engine import positions
-    from mocd_train.policies import common_args, lora_config, pad_examples
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -154,8 +153,6 @@ def token_kl_trainer(cfg, student, tokenizer, examples: list[dict], teacher, out
 
 def mod_teacher(run_dir, name: str, tokenizer, policy):
     """The MOD decoder that wrote teach/<name>, rebuilt from its recorded parameters (policy = π_ref, loaded)."""
-    from mocd_train.decoding.mod import Mod, PolicySet
-    from mocd_train.policies import adapter_of, load_policy
 
     done = Path(run_dir) / "teach" / name / "DONE.json"
     params = json.loads(done.read_text()).get("params", {}) if done.is_file() else {}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from mocd_train.assets import resolve_model
+from mocd_train.errors import ConfigError
 
 
 def process_state(device: str = "auto"):
@@ -38,9 +41,7 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left"):
 def load_causal_lm(name: str, device: torch.device, dtype: str = "auto", cache_dir: str | None = None):
     """(model in eval mode on `device`, left-padding tokenizer) for an embedded name, hub id, checkpoint folder or
     trained policy folder (policies/<name>: its merged/ checkpoint, else its LoRA adapter merged onto the base)."""
-    from transformers import AutoModelForCausalLM
-
-    from mocd_train.policies import is_policy_dir, load_policy
+    from transformers import AutoModelForCausalLM  # heavy: imported when a model is loaded
 
     if is_policy_dir(name):
         return load_policy(name, device, resolve_dtype(dtype, device), cache_dir)
@@ -48,3 +49,59 @@ def load_causal_lm(name: str, device: torch.device, dtype: str = "auto", cache_d
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device)).to(device).eval()
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------- trained policies
+
+
+def is_policy_dir(path: str | Path) -> bool:
+    """A policies/<name> folder as train_policy.py writes it (not itself a checkpoint)."""
+    path = Path(path)
+    return (path.is_dir() and not (path / "config.json").is_file()
+            and any((path / sub).is_dir() for sub in ("merged", "model", "adapter")))
+
+
+def load_policy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                cache_dir: str | None = None):
+    """A policies/<name> folder → (model, tokenizer): merged/ or model/ if saved, else adapter/ merged onto its base."""
+    from transformers import AutoModelForCausalLM  # heavy: imported when a model is loaded
+
+    path = Path(path)
+    full = next((path / sub for sub in ("merged", "model") if (path / sub).is_dir()), None)
+    if full is not None:
+        model = AutoModelForCausalLM.from_pretrained(full, dtype=dtype)
+        return model.to(device).eval(), load_tokenizer(str(full))
+    adapter = path / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{path} holds no trained policy (no merged/, model/ or adapter/); train one with "
+                          "recipes/train_policy.py.")
+    from peft import PeftConfig, PeftModel  # heavy: only for adapter folders
+
+    base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(base, cache_dir), dtype=dtype)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.to(device).eval(), load_tokenizer(str(adapter))
+
+
+def policy_dir(run_dir: str | Path, ref: str) -> Path:
+    """A policy named in a config: a name under <run_dir>/policies, or a folder."""
+    path = Path(run_dir) / "policies" / ref
+    path = path if path.is_dir() else Path(ref)
+    if not path.is_dir():
+        raise ConfigError(f"policy {ref!r} is neither under {Path(run_dir) / 'policies'} nor a folder; train it with "
+                          "recipes/train_policy.py.")
+    return path
+
+
+def adapter_of(path: Path) -> Path | None:
+    """The LoRA adapter folder of a policy (policies/<name>/adapter, or an adapter folder itself), else None."""
+    for cand in (path / "adapter", path):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    return None
+
+
+def adapter_base(adapter: Path) -> str:
+    from peft import PeftConfig  # heavy
+
+    return PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path

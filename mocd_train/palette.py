@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import linprog, minimize
 
-from mocd_train.config import ConfigError
+from mocd_train.errors import ConfigError
 
 
 class PaletteError(ConfigError):

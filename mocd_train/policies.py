@@ -10,8 +10,13 @@ from pathlib import Path
 
 import torch
 
-from mocd_train.config import DIVERGENCES, ConfigError
+from mocd_train.assets import resolve_model
+from mocd_train.config import DIVERGENCES
+from mocd_train.data import chat_texts
+from mocd_train.errors import ConfigError
+from mocd_train.models import adapter_base, load_tokenizer
 from mocd_train.rewards import Normalizer
+from mocd_train.tracking import trainer_report_to
 
 
 def objective_weights(cfg, names: list[str]) -> list[float]:
@@ -61,7 +66,6 @@ def completion_examples(rows, tokenizer, system_prompt: str | None = None,
     distillation: the chat-formatted prompt, the response's own token ids when they are this tokenizer's (nothing
     re-tokenised differently), then EOS only where the response finished. A response cut at max_new_tokens must
     not teach the model to stop mid-sentence, as the chat template's closing tag after every answer would."""
-    from mocd_train.data import chat_texts
 
     out = []
     for r in rows:
@@ -100,7 +104,6 @@ def lora_config(cfg):
 
 def common_args(cfg, out: Path, stage: str = "policies") -> dict:
     """TrainingArguments shared by every method (TRL configs default to bf16: only on a GPU here)."""
-    from mocd_train.tracking import trainer_report_to
 
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     return dict(output_dir=str(out / "checkpoints"), seed=cfg.seed, learning_rate=cfg.learning_rate,
@@ -301,62 +304,6 @@ def save_policy(trainer, tokenizer, out: Path, merge: bool) -> dict:
     return saved
 
 
-def is_policy_dir(path: str | Path) -> bool:
-    """A policies/<name> folder as train_policy.py writes it (not itself a checkpoint)."""
-    path = Path(path)
-    return (path.is_dir() and not (path / "config.json").is_file()
-            and any((path / sub).is_dir() for sub in ("merged", "model", "adapter")))
-
-
-def load_policy(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                cache_dir: str | None = None):
-    """A policies/<name> folder → (model, tokenizer): merged/ or model/ if saved, else adapter/ merged onto its base."""
-    from transformers import AutoModelForCausalLM
-
-    from mocd_train.assets import resolve_model
-    from mocd_train.models import load_tokenizer
-
-    path = Path(path)
-    full = next((path / sub for sub in ("merged", "model") if (path / sub).is_dir()), None)
-    if full is not None:
-        model = AutoModelForCausalLM.from_pretrained(full, dtype=dtype)
-        return model.to(device).eval(), load_tokenizer(str(full))
-    adapter = path / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"{path} holds no trained policy (no merged/, model/ or adapter/); train one with "
-                          "recipes/train_policy.py.")
-    from peft import PeftConfig, PeftModel
-
-    base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(base, cache_dir), dtype=dtype)
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model.to(device).eval(), load_tokenizer(str(adapter))
-
-
-def policy_dir(run_dir: str | Path, ref: str) -> Path:
-    """A policy named in a config: a name under <run_dir>/policies, or a folder."""
-    path = Path(run_dir) / "policies" / ref
-    path = path if path.is_dir() else Path(ref)
-    if not path.is_dir():
-        raise ConfigError(f"policy {ref!r} is neither under {Path(run_dir) / 'policies'} nor a folder; train it with "
-                          "recipes/train_policy.py.")
-    return path
-
-
-def adapter_of(path: Path) -> Path | None:
-    """The LoRA adapter folder of a policy (policies/<name>/adapter, or an adapter folder itself), else None."""
-    for cand in (path / "adapter", path):
-        if (cand / "adapter_config.json").is_file():
-            return cand
-    return None
-
-
-def adapter_base(adapter: Path) -> str:
-    from peft import PeftConfig
-
-    return PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
-
-
 def soup_model(adapters: dict[str, str | Path], weights: dict[str, float], cache_dir: str | None = None):
     """Rewarded soup of LoRA adapters on one base (docs/algorithms.md §5): ΔW = Σ_i w_i B_i A_i exactly, through PEFT's
     `add_weighted_adapter(combination_type="cat")` ("linear" would mix A and B separately: not the same).
@@ -364,7 +311,6 @@ def soup_model(adapters: dict[str, str | Path], weights: dict[str, float], cache
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mocd_train.assets import resolve_model
 
     names = list(adapters)
     if set(weights) != set(names):
@@ -387,7 +333,6 @@ def soup(adapters: dict[str, str | Path], weights: dict[str, float], out: str | 
     import os
     import shutil
 
-    from mocd_train.models import load_tokenizer
 
     merged, base_path = soup_model(adapters, weights, cache_dir)
     out = Path(out)

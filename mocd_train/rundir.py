@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from mocd_train.config import ConfigError, config_diff, to_dict
+from mocd_train.config import config_diff, to_dict
+from mocd_train.errors import ConfigError
 
 DONE = "DONE.json"
 

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mocd_train.assets import Prompt
+from mocd_train.config import RolloutsConfig, to_dict
+from mocd_train.data import merge_rollouts
+from mocd_train.models import load_tokenizer
+from mocd_train.rundir import atomic_write_json, mark_complete, stage_dir
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -111,11 +117,6 @@ def synthetic_rollouts(run_dir: str | Path, model: str, objectives: tuple[str, .
 
     import yaml
 
-    from mocd_train.assets import Prompt
-    from mocd_train.config import RolloutsConfig, to_dict
-    from mocd_train.data import merge_rollouts
-    from mocd_train.models import load_tokenizer
-    from mocd_train.rundir import atomic_write_json, mark_complete, stage_dir
 
     rng = random.Random(seed)
     tokenizer = load_tokenizer(model)

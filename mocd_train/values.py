@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mocd_train.config import ConfigError
+from mocd_train.assets import resolve_model, split_of, unit_hash
+from mocd_train.data import chat_texts
+from mocd_train.errors import ConfigError
+from mocd_train.models import load_tokenizer
 from mocd_train.rewards import Normalizer
 
 VALUE_CONFIG = "value_config.json"
@@ -56,8 +59,6 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, cache_
     weights are never loaded."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-    from mocd_train.assets import resolve_model
-    from mocd_train.models import load_tokenizer
 
     path = resolve_model(spec.name, cache_dir)
     config = AutoConfig.from_pretrained(path)
@@ -190,7 +191,6 @@ class ValueModel(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoModel
 
-        from mocd_train.models import load_tokenizer
 
         directory = Path(directory)
         if not (directory / VALUE_CONFIG).is_file():
@@ -232,7 +232,6 @@ def block_end_values(values: torch.Tensor, mask: torch.Tensor, prev: torch.Tenso
 def value_text(prompt_format: str, tokenizer, prompt: str, system_prompt: str | None = None) -> str:
     """The prompt as the value model reads it: the chat template if its tokenizer has one, else HH-style text
     (what GPT-2-family reward models were trained on)."""
-    from mocd_train.data import chat_texts
 
     if prompt_format == "chat":
         return chat_texts(tokenizer, [prompt], system_prompt)[0]
@@ -512,7 +511,6 @@ def value_datasets(rollouts, tokenizer, meta: ValueMeta, normalizer: Normalizer,
     side (reported metrics) depends only on the prompt texts and `heldout_fraction`; validation (checkpoint
     selection) is carved from the rest with another hash. `train_prompts` / `samples_per_prompt` keep a seeded subset
     of the training side only — data ablations are then measured on the same held-out prompts."""
-    from mocd_train.assets import split_of, unit_hash
 
     raw = torch.tensor([[row[f"reward_{name}"] for name in meta.objectives] for row in rollouts], dtype=torch.float64)
     targets = normalizer(raw).tolist()

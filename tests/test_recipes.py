@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mocd_train.config import STAGES, build_config, pipeline_steps, stage_values
-from mocd_train.rewards.base import _registry, parse_objectives
+from mocd_train.rewards.base import REGISTRY, parse_objectives
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -43,7 +43,7 @@ def test_recipe_is_valid_and_resolves_what_it_names(path, monkeypatch):
     for stage in stages:
         cfg = build_config(STAGES[stage], stage_values(data, stage, str(path)))
         for spec in parse_objectives(cfg.objectives):
-            factory = _registry()[spec.type]
+            factory = REGISTRY[spec.type]
             hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
             for opt, value in spec.options.items():
                 allowed = typing.get_args(hints.get(opt)) if typing.get_origin(hints.get(opt)) is typing.Literal else ()

@@ -11,8 +11,16 @@ from typing import Protocol
 
 import torch
 
+from mocd_train.data import rollouts_config
 from mocd_train.decoding.engine import BlockEngine, Decoded, Rule
+from mocd_train.decoding.map_d import MapD
+from mocd_train.decoding.mod import Mod, PolicySet
 from mocd_train.decoding.weights import select_block, worst_case_weights
+from mocd_train.errors import ConfigError
+from mocd_train.palette import load_palette
+from mocd_train.policies import adapter_base, adapter_of, load_policy, policy_dir, soup_model
+from mocd_train.rundir import stage_dir
+from mocd_train.values import ValueModel
 
 
 class Decoder(Protocol):
@@ -108,16 +116,12 @@ def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> D
     """The decoder a TeachConfig describes, on this policy; loads the value model or palette it needs."""
     from pathlib import Path
 
-    from mocd_train.config import ConfigError
-    from mocd_train.rundir import stage_dir
 
     params = {"K": cfg.num_candidates, "B": cfg.block_size, "T": cfg.max_new_tokens, "temperature": cfg.temperature,
               "top_p": cfg.top_p}
     if cfg.decoder in ("mod", "soup"):
         return _mod_decoder(cfg, policy, tokenizer)
     if cfg.decoder == "map_d":
-        from mocd_train.decoding.map_d import MapD
-        from mocd_train.palette import load_palette
 
         palette = load_palette(cfg.palette, objectives, cfg.run_dir)
         return MapD(policy, tokenizer, reward_set, torch.tensor(palette["lam"]), cfg.num_candidates,
@@ -130,7 +134,6 @@ def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> D
         k, b = 1, cfg.max_new_tokens
     value = vtok = None
     if cfg.decoder != "pi_ref" and cfg.score_with == "value":
-        from mocd_train.values import ValueModel
 
         path = Path(cfg.value_model or stage_dir(cfg.run_dir, "value") / "model")
         value, vtok = ValueModel.load(path, policy.device, policy.dtype, objectives, cfg.cache_dir)
@@ -165,9 +168,6 @@ def _mod_decoder(cfg, policy, tokenizer):
     rewarded soup, decoded by the same sampler (a soup is MOD with one policy)."""
     from pathlib import Path
 
-    from mocd_train.config import ConfigError
-    from mocd_train.decoding.mod import Mod, PolicySet
-    from mocd_train.policies import adapter_base, adapter_of, load_policy, policy_dir, soup_model
 
     paths = [policy_dir(cfg.run_dir, p) for p in cfg.policies]
     adapters = [adapter_of(p) for p in paths]
@@ -198,6 +198,5 @@ def _mod_decoder(cfg, policy, tokenizer):
 
 def _system_prompt(cfg) -> str | None:
     """The system prompt π_ref's rollouts used (the value model learned on that formatting)."""
-    from mocd_train.data import rollouts_config
 
     return rollouts_config(cfg.run_dir).get("system_prompt")

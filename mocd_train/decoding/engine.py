@@ -18,6 +18,7 @@ import torch
 from mocd_train.data import chat_texts, eos_ids
 from mocd_train.decoding.weights import check_finite_values
 from mocd_train.errors import WeightSolveError
+from mocd_train.values import same_tokenizer, value_text
 
 
 @dataclass
@@ -82,7 +83,6 @@ class BlockEngine:
         self.stop_set = set(self.stop.tolist())
         self.shared = value_model is not None and value_model.meta.shares_policy_tokenizer
         if value_model is not None:
-            from mocd_train.values import same_tokenizer
 
             if value_tokenizer is None:
                 raise ValueError("pass the value model's tokenizer (ValueModel.load returns it).")
@@ -224,7 +224,6 @@ class BlockEngine:
         return values[:, -1].view(n, k, -1)
 
     def _value_tokens(self, prompts, seqs):
-        from mocd_train.values import value_text
 
         meta, out = self.value.meta, []
         for prompt, s in zip(prompts, seqs):

