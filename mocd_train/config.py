@@ -104,6 +104,9 @@ class RolloutsConfig(CommonConfig):
 class ValueConfig(CommonConfig):
     """Multi-objective value model V(x, y^t) ∈ R^G trained on the rollouts (stage `value`, docs/algorithms.md §2)."""
 
+    name: str = field(default="value", metadata=_help("Output folder <run_dir>/<name> (decoders read "
+                                                          "<run_dir>/value/model unless given `value_model`)."))
+
     backbone: str | None = field(
         default=None, metadata=_help("Backbone: None = π_ref (`model`); or an embedded name, hub id or path.")
     )
@@ -227,6 +230,9 @@ class TeachConfig(CommonConfig):
     split: Literal["train", "heldout"] = field(
         default="train", metadata=_help("Prompts to decode: train (teacher data) or heldout (evaluation)."))
     max_prompts: int | None = field(default=None, metadata=_help("At most this many prompts (balanced by source)."))
+    first_prompt: int = field(
+        default=0, metadata=_help("Skip the split's first N prompts: e.g. a validation slice after the evaluation "
+                                  "prompts, disjoint from them (the order is fixed by the prompt texts)."))
     temperature: float = field(default=1.0, metadata=_help("π_ref sampling temperature."))
     top_p: float = field(default=1.0, metadata=_help("π_ref nucleus threshold."))
     batch_size: int = field(default=8, metadata=_help("Prompts decoded together (× K rows)."))
@@ -325,6 +331,9 @@ class EvaluateConfig(CommonConfig):
         default_factory=list, metadata=_help("Methods every other method is also compared with, e.g. "
                                              "[eval-cd_uniform]: the report states each difference in mean per-prompt "
                                              "worst case with its interval and whether it is significant."))
+    fronts: dict | None = field(
+        default=None, metadata=_help("Families of methods whose Pareto hypervolumes are compared with bootstrap "
+                                     "intervals, e.g. {mod: [eval-mod-0.25, eval-mod-0.5], soup: [...]}."))
     note: str = field(default="", metadata=_help("A line printed at the top of the report (e.g. 'smoke-sized run')."))
     name: str = field(default="eval", metadata=_help("Output folder <run_dir>/<name>."))
     samples: int = field(default=3, metadata=_help("Sample responses per method in the HTML report."))
@@ -516,6 +525,10 @@ def _check_teach(cfg: TeachConfig) -> None:
 
     names = [o.name for o in parse_objectives(cfg.objectives)]
     _positive(cfg, "num_candidates", "block_size", "max_new_tokens", "batch_size", "chunk_size")
+    if cfg.max_prompts is not None:
+        _positive(cfg, "max_prompts")
+    if cfg.first_prompt < 0:
+        raise ConfigError(f"first_prompt: {cfg.first_prompt} must be ≥ 0.")
     if cfg.rmod_lambda < 0:
         raise ConfigError("rmod_lambda: must be ≥ 0.")
     if cfg.decoder == "cd_single" and cfg.objective not in names:

@@ -6,6 +6,7 @@ errors are over prompts; comparisons between two methods are paired by prompt.
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -101,7 +102,7 @@ def navigation_efficiency(points: torch.Tensor, reference: torch.Tensor) -> floa
 
 
 def compare(tables: dict[str, list[dict]], reference: str, names: list[str], normalizer,
-            baselines: list[str] = ()) -> dict:
+            baselines: list[str] = (), fronts: dict[str, list[str]] | None = None) -> dict:
     """Every method's rows (teacher-dataset rows with reward_<g> and cost_* columns) on the prompts it shares with
     the reference → one comparison: raw and normalised means, worst cases, worst-case win rate vs the reference with
     a bootstrap CI, cost; plus the Pareto front, hypervolume and navigation efficiency of the methods' mean points."""
@@ -117,6 +118,7 @@ def compare(tables: dict[str, list[dict]], reference: str, names: list[str], nor
             raise ValueError(f"method {label!r} shares no prompt with the reference {reference!r}.")
         na, nb = norm(a), norm(b)
         entry = method_metrics(na, names)
+        entry["params"] = json.loads(rows[0]["params"]) if isinstance(rows[0].get("params"), str) else {}
         entry["raw_mean"] = {g: float(sum(r[f"reward_{g}"] for r in a) / len(a)) for g in names}
         wins = (na.min(1).values > nb.min(1).values).double() + 0.5 * (na.min(1).values == nb.min(1).values).double()
         entry["vs_reference"] = {**paired_comparison(na, nb), "worst_case_win_rate_ci": bootstrap_ci(wins)}
@@ -138,6 +140,49 @@ def compare(tables: dict[str, list[dict]], reference: str, names: list[str], nor
     out["claims"] = [claim(label, tables[label], versus, tables[versus], names, normalizer)
                      for versus in [reference, *[b for b in baselines if b in tables and b != reference]]
                      for label in tables if label != versus]
+    if fronts and len(names) in (2, 3):
+        out["fronts"] = front_hypervolumes(tables, reference, fronts, names, normalizer)
+    return out
+
+
+def front_hypervolumes(tables: dict[str, list[dict]], reference: str, fronts: dict[str, list[str]],
+                       names: list[str], normalizer, n: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Hypervolume above π_ref's mean point of each named family of methods' mean points (e.g. MOD and the soup at
+    several weights), with a percentile bootstrap interval over prompts — every method and the reference resampled
+    on the same prompts — and the same for the difference of each pair of families."""
+    ids = set.intersection(*({r["prompt_id"] for r in tables[m]} for m in [reference, *sum(fronts.values(), [])]))
+    if not ids:
+        raise ValueError("the methods of `fronts` share no prompt with the reference.")
+    order = sorted(ids)
+
+    def matrix(label):
+        by = {r["prompt_id"]: r for r in tables[label]}
+        return normalizer(torch.tensor([[by[i][f"reward_{g}"] for g in names] for i in order], dtype=torch.float64))
+
+    mats = {m: matrix(m) for m in {reference, *sum(fronts.values(), [])}}
+
+    def volumes(idx):
+        ref = mats[reference][idx].mean(0)
+        return {f: hypervolume(torch.stack([mats[m][idx].mean(0) for m in ms]), ref) for f, ms in fronts.items()}
+
+    point = volumes(torch.arange(len(order)))
+    gen = torch.Generator().manual_seed(seed)
+    draws = [volumes(torch.randint(len(order), (len(order),), generator=gen)) for _ in range(n)]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+
+    def interval(xs):
+        lo, hi = torch.quantile(torch.tensor(xs, dtype=torch.float64), q)
+        return [float(lo), float(hi)]
+
+    out = {"prompts": len(order), "level": level,
+           "families": {f: {"methods": fronts[f], "hypervolume": point[f], "ci": interval([d[f] for d in draws])}
+                        for f in fronts}, "differences": []}
+    families = list(fronts)
+    for i, a in enumerate(families):
+        for b in families[i + 1:]:
+            lo, hi = interval([d[a] - d[b] for d in draws])
+            out["differences"].append({"a": a, "b": b, "diff": point[a] - point[b], "ci": [lo, hi],
+                                       "significant": bool(lo > 0 or hi < 0)})
     return out
 
 

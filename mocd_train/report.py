@@ -149,6 +149,22 @@ def plot_distributions(tables: dict[str, list[dict]], names: list[str], normaliz
     return path
 
 
+def claim_lines(comparison: dict) -> list[str]:
+    """One sentence per claim: each method against each comparator, then each pair of method families' hypervolumes."""
+    lines = [c["sentence"] for c in comparison.get("claims", [])]
+    fronts = comparison.get("fronts")
+    if fronts:
+        pct = round(100 * fronts["level"])
+        for f, e in fronts["families"].items():
+            lines.append(f"hypervolume of {f} ({', '.join(e['methods'])}): {e['hypervolume']:.4f} "
+                         f"[{e['ci'][0]:.4f}, {e['ci'][1]:.4f}] ({pct}% bootstrap over {fronts['prompts']} prompts)")
+        for d in fronts["differences"]:
+            lines.append(f"hypervolume {d['a']} {'>' if d['diff'] > 0 else '<'} {d['b']}: {d['diff']:+.4f} "
+                         f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}], "
+                         f"{'significant' if d['significant'] else 'not significant'}")
+    return lines
+
+
 def write_html(comparison: dict, rows: list[dict], plots: list[Path], path: Path, title: str,
                samples: dict[str, list[dict]] | None = None, note: str = "") -> Path:
     """A single file: the table, one sentence per claim (`claims`), the plots inlined as base64 PNGs, a few sample
@@ -166,7 +182,7 @@ def write_html(comparison: dict, rows: list[dict], plots: list[Path], path: Path
     claims = comparison.get("claims", [])
     claims_html = ""
     if claims:
-        items = "".join(f"<li>{html.escape(c['sentence'])}</li>" for c in claims)
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in claim_lines(comparison))
         claims_html = (f"<h2>What is significant</h2><p>Each method against each comparator in mean per-prompt worst "
                        f"case, paired by prompt, with a {round(100 * claims[0]['level'])}% bootstrap interval; "
                        f"significant means the interval excludes 0 (each of the {len(claims)} comparisons on its own, "

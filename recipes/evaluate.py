@@ -14,6 +14,7 @@ from mocd_train.cli import run_stage
 from mocd_train.config import ConfigError, load_config
 from mocd_train.evaluation import compare
 from mocd_train.report import (
+    claim_lines,
     log_wandb,
     plot_distributions,
     plot_methods,
@@ -53,8 +54,11 @@ def main(argv=None):
     missing = [b for b in cfg.baselines if b not in tables]
     if missing:
         raise ConfigError(f"baselines: {missing} are not among the methods {list(tables)}; add them to `methods`.")
+    unknown = [m for ms in (cfg.fronts or {}).values() for m in ms if m not in tables]
+    if unknown:
+        raise ConfigError(f"fronts: {unknown} are not among the methods {list(tables)}; add them to `methods`.")
     out = prepare_stage(cfg, cfg.name, cfg.overwrite)
-    comparison = compare(tables, cfg.reference, names, normalizer, cfg.baselines)
+    comparison = compare(tables, cfg.reference, names, normalizer, cfg.baselines, cfg.fronts)
     rows = table_rows(comparison)
     plots = [plot_methods(comparison, out / "methods.png"), plot_pareto(comparison, out / "pareto.png"),
              plot_distributions(tables, names, normalizer, out / "distributions.png")]
@@ -69,7 +73,7 @@ def main(argv=None):
     wandb_dirs = log_wandb(cfg, comparison, tables, plots) if cfg.report_to == "wandb" else []
     mark_complete(out, {"report": str(out / "report.html"), "methods": list(tables), "wandb": wandb_dirs,
                         "pareto_front": comparison["pareto_front"]})
-    (out / "claims.md").write_text("".join(f"- {c['sentence']}\n" for c in comparison["claims"]))
+    (out / "claims.md").write_text("".join(f"- {line}\n" for line in claim_lines(comparison)))
     print((out / "table.md").read_text())
     print((out / "claims.md").read_text())
     print(f"report → {out / 'report.html'}")

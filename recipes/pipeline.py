@@ -6,12 +6,14 @@ rollouts → value → palette → policies → teachers → distillation → ev
 
 A step whose output is complete is skipped and a partial one resumes (each stage's own rule), so re-running after an
 interruption redoes only what is missing. Command-line keys (`--run_dir`, `--seed`, `--report_to`, `--device`, ...)
-apply to every step; "{run_dir}" in a step's value is replaced by the run directory. Writes <run_dir>/pipeline.json
-with each step's wall time.
+apply to every step; "{run_dir}" in a step's value is replaced by the run directory, and "{best:<eval>:<param>}" by
+a decoder parameter chosen on an earlier evaluation (`substitute`). Writes <run_dir>/pipeline.json with each step's
+wall time.
 """
 
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 
@@ -31,6 +33,32 @@ def recipe(stage: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+BEST = re.compile(r"^\{best:([\w.-]+):(\w+)\}$")
+
+
+def substitute(value, run_dir: Path):
+    """A step's value with "{run_dir}" replaced, and "{best:<evaluation>:<param>}" replaced by that decoder parameter
+    of the method with the highest mean per-prompt worst case in <run_dir>/<evaluation>/comparison.json (the
+    reference excluded): how a preset picks, e.g., RMOD's κ on a validation slice before decoding the test prompts."""
+    if not isinstance(value, str):
+        return value
+    match = BEST.match(value)
+    if match is None:
+        return value.replace("{run_dir}", str(run_dir))
+    evaluation, param = match.groups()
+    path = run_dir / evaluation / "comparison.json"
+    if not path.is_file():
+        raise ConfigError(f"{value}: no {path}; an earlier step must evaluate {evaluation!r} first.")
+    comparison = json.loads(path.read_text())
+    methods = {m: e for m, e in comparison["methods"].items() if m != comparison["reference"] and param in e["params"]}
+    if not methods:
+        raise ConfigError(f"{value}: no method in {path} has the decoder parameter {param!r}.")
+    best = max(methods, key=lambda m: methods[m]["mean_worst_case"])
+    print(f"{value} → {methods[best]['params'][param]!r} (from {best}, mean worst case "
+          f"{methods[best]['mean_worst_case']:+.3f})", flush=True)
+    return methods[best]["params"][param]
 
 
 def as_args(values: dict) -> list[str]:
@@ -58,7 +86,7 @@ def main(argv=None):
         label = extra.get("name") or (Path(step_config).stem if step_config != config else stage)
         print(f"\n=== [{i + 1}/{len(steps)}] {stage}: {label} ===", flush=True)
         t0 = time.perf_counter()
-        extra = {k: v.replace("{run_dir}", str(run_dir)) if isinstance(v, str) else v for k, v in extra.items()}
+        extra = {k: substitute(v, run_dir) for k, v in extra.items()}
         recipe(stage).main(["--config", step_config, *as_args(extra), *as_args(overrides)])
         timings.append({"step": i + 1, "stage": stage, "label": label, "seconds": round(time.perf_counter() - t0, 1)})
         atomic_write_json(run_dir / "pipeline.json", {"config": config, "steps": timings,

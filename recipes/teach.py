@@ -19,6 +19,7 @@ from mocd_train.cli import run_stage
 from mocd_train.config import load_config
 from mocd_train.data import chunk_seed, read_chunks, rollouts_config, run_chunks, save_dataset
 from mocd_train.decoding.decoders import make_decoder
+from mocd_train.errors import ConfigError
 from mocd_train.models import load_causal_lm, process_state, resolve_device
 from mocd_train.rewards import Normalizer, RewardSet, parse_objectives
 from mocd_train.rundir import is_complete, mark_complete, prepare_stage, stage_dir
@@ -43,7 +44,11 @@ def main(argv=None):
     names = [s.name for s in parse_objectives(cfg.objectives)]
     normalizer = Normalizer.load(rollouts_dir / "normalization.json")
     check_objectives(names, normalizer.objectives, f"the rollouts in {cfg.run_dir}", "Use their objectives.")
-    prompts = load_prompts(ro["prompt_sources"], cfg.split, ro["heldout_fraction"], cfg.max_prompts, ro["prompts_file"])
+    split = load_prompts(ro["prompt_sources"], cfg.split, ro["heldout_fraction"], None, ro["prompts_file"])
+    prompts = split[cfg.first_prompt:][: cfg.max_prompts]
+    if not prompts:
+        raise ConfigError(f"first_prompt: {cfg.first_prompt} skips every prompt; the {cfg.split} split has "
+                          f"{len(split)}.")
     device = resolve_device(cfg.device, state.device)
     policy, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype, cfg.cache_dir)
     rewards = RewardSet.from_config(cfg.objectives, device, cfg.cache_dir, normalizer=normalizer)

@@ -43,7 +43,7 @@ def main(argv=None):
     # parse
     cfg = load_config("value", argv)
     state = process_state(cfg.device)
-    out = prepare_stage(cfg, "value", cfg.overwrite, state.is_main_process)
+    out = prepare_stage(cfg, cfg.name, cfg.overwrite, state.is_main_process)
     state.wait_for_everyone()
     if is_complete(out):
         print(f"value model already complete: {out}")
@@ -144,7 +144,7 @@ def training_arguments(cfg, out: Path):
         train_sampling_strategy="group_by_length", length_column_name="length", remove_unused_columns=False,
         use_cpu=cpu, bf16=not cpu and cfg.dtype in ("auto", "bfloat16"), fp16=not cpu and cfg.dtype == "float16",
         activation_checkpointing=cfg.gradient_checkpointing, report_to=trainer_report_to(cfg, "value"),
-        run_name=f"{Path(cfg.run_dir).name}-value", dataloader_num_workers=0, disable_tqdm=False)
+        run_name=f"{Path(cfg.run_dir).name}-{cfg.name}", dataloader_num_workers=0, disable_tqdm=False)
 
 
 def _dataset(examples):

@@ -81,7 +81,8 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
                            for i in range(30)]).save_to_disk(str(tmp_path / "teach" / method / "dataset"))
     out = recipe("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
                                    "--methods", "[eval-rmod, eval-other]", "--report_to", "wandb",
-                                   "--baselines", "[eval-other]", "--note", "smoke-sized run"])
+                                   "--baselines", "[eval-other]", "--note", "smoke-sized run",
+                                   "--fronts", "{a: [eval-rmod], b: [eval-other, eval-rmod]}"])
     page = (out / "report.html").read_text()
     assert all(m in page for m in ["eval-pi_ref", "eval-rmod", "eval-other"]) and page.count("data:image/png") == 4
     for png in ["methods", "pareto", "distributions", "rmod_trace"]:
@@ -103,6 +104,15 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
     text = html.unescape(page)
     assert f"eval-rmod {'>' if c['diff'] > 0 else '<'} eval-pi_ref: {c['diff']:+.3f}" in text and verdict in text
     assert "smoke-sized run" in page and c["sentence"] in (out / "claims.md").read_text()
+    from mocd_train.evaluation import hypervolume
+
+    fronts, ref_point = comparison["fronts"], norm(rewards["eval-pi_ref"]).mean(0)
+    hv_b = hypervolume(torch.stack([norm(rewards[m]).mean(0) for m in ["eval-other", "eval-rmod"]]), ref_point)
+    assert fronts["families"]["b"]["hypervolume"] == pytest.approx(hv_b)
+    lo, hi = fronts["families"]["b"]["ci"]
+    assert lo <= hv_b <= hi and fronts["differences"][0]["diff"] == pytest.approx(
+        fronts["families"]["a"]["hypervolume"] - hv_b)
+    assert "hypervolume a" in text
     # a mistake in the methods list is refused before the finished report is touched
     with pytest.raises(Exception, match="eval-rmdo"):
         recipe("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",

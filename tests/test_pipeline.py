@@ -46,3 +46,25 @@ def test_pipeline_runs_end_to_end_then_skips_complete_steps(tiny_lm, tmp_path):
     assert set(table["methods"]) == {"eval-pi_ref", "eval-rmod", "eval-mod", "eval-student"}
     second = recipe("pipeline").main(["--config", str(path)])  # everything complete: skipped (evaluate re-runs)
     assert sum(s["seconds"] for s in second["steps"][:-1]) < sum(s["seconds"] for s in first["steps"][:-1]) / 3
+
+
+def test_best_placeholder_picks_the_parameter_of_the_best_method_on_an_earlier_evaluation(tmp_path):
+    import json
+
+    import pytest
+
+    from mocd_train.errors import ConfigError
+
+    pipeline = recipe("pipeline")
+    methods = {"val-pi_ref": {"mean_worst_case": 0.9, "params": {}},
+               "val-rmod-1": {"mean_worst_case": -0.2, "params": {"rmod_lambda": 1.0}},
+               "val-rmod-5": {"mean_worst_case": 0.1, "params": {"rmod_lambda": 5.0}},
+               "val-cd": {"mean_worst_case": 0.5, "params": {"weights": [0.5, 0.5]}}}
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "comparison.json").write_text(json.dumps({"reference": "val-pi_ref", "methods": methods}))
+    assert pipeline.substitute("{best:val:rmod_lambda}", tmp_path) == 5.0  # the reference and other decoders aside
+    assert pipeline.substitute("{run_dir}/x", tmp_path) == f"{tmp_path}/x" and pipeline.substitute(3, tmp_path) == 3
+    with pytest.raises(ConfigError, match="no .*comparison.json"):
+        pipeline.substitute("{best:test:rmod_lambda}", tmp_path)
+    with pytest.raises(ConfigError, match="no method"):
+        pipeline.substitute("{best:val:top_k}", tmp_path)
