@@ -335,6 +335,9 @@ class EvaluateConfig(CommonConfig):
         default=None, metadata=_help("Families of methods whose Pareto hypervolumes are compared with bootstrap "
                                      "intervals, e.g. {mod: [eval-mod-0.25, eval-mod-0.5], soup: [...]}."))
     note: str = field(default="", metadata=_help("A line printed at the top of the report (e.g. 'smoke-sized run')."))
+    export_dir: str | None = field(
+        default=None, metadata=_help("Also copy the report, tables, plots, value metrics and step timings here (e.g. "
+                                     "results/<preset>); the pipeline refreshes its pipeline.json when it ends."))
     name: str = field(default="eval", metadata=_help("Output folder <run_dir>/<name>."))
     samples: int = field(default=3, metadata=_help("Sample responses per method in the HTML report."))
     overwrite: bool = field(default=True, metadata=_help("Re-evaluate even if a report exists (it is cheap)."))
@@ -672,6 +675,10 @@ def stage_values(data: dict[str, Any], stage: str, where: str) -> dict[str, Any]
     return {**values, **section}
 
 
+# "{best:<evaluation>:<param>}" in a pipeline step: a decoder parameter chosen by an earlier step (recipes/pipeline.py)
+BEST = re.compile(r"^\{best:([\w.-]+):(\w+)\}$")
+
+
 def pipeline_steps(data: dict[str, Any], path: str | Path) -> list[tuple[str, str, dict[str, Any]]]:
     """The `pipeline:` list of a pipeline file → [(stage, config file, step overrides)], each step checked: a step
     names its `stage`, optionally a stage file (`config`, relative to the repository or absolute), and key overrides."""
@@ -686,6 +693,7 @@ def pipeline_steps(data: dict[str, Any], path: str | Path) -> list[tuple[str, st
         config = str(step.get("config", path))
         extra = {k: v for k, v in step.items() if k not in ("stage", "config")}
         values = {**stage_values(read_yaml(config), step["stage"], config), **extra}
+        values = {k: v for k, v in values.items() if not (isinstance(v, str) and BEST.match(v))}  # checked when run
         build_config(STAGES[step["stage"]], values, where=f"pipeline[{i}] ({step['stage']}, {config})")
         out.append((step["stage"], config, extra))
     return out

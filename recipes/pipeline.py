@@ -13,14 +13,14 @@ wall time.
 
 import importlib.util
 import json
-import re
 import time
 from pathlib import Path
 
 import yaml
 
 from mocd_train.cli import run_stage
-from mocd_train.config import CommonConfig, ConfigError, parse_overrides, pipeline_steps, read_yaml
+from mocd_train.config import BEST, CommonConfig, parse_overrides, pipeline_steps, read_yaml, stage_values
+from mocd_train.errors import ConfigError
 from mocd_train.rundir import atomic_write_json
 
 RECIPES = {"rollouts": "rollouts", "value": "train_value", "palette": "solve_palette", "policies": "train_policy",
@@ -33,9 +33,6 @@ def recipe(stage: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-BEST = re.compile(r"^\{best:([\w.-]+):(\w+)\}$")
 
 
 def substitute(value, run_dir: Path):
@@ -92,6 +89,11 @@ def main(argv=None):
         atomic_write_json(run_dir / "pipeline.json", {"config": config, "steps": timings,
                                                       "seconds": round(time.perf_counter() - t_all, 1)})
     total = time.perf_counter() - t_all
+    for stage, step_config, extra in steps:  # exported results carry the timings of the whole run
+        export_dir = extra.get("export_dir") or (stage == "evaluate" and stage_values(
+            read_yaml(step_config), "evaluate", step_config).get("export_dir"))
+        if stage == "evaluate" and export_dir and Path(export_dir).is_dir():
+            atomic_write_json(Path(export_dir) / "pipeline.json", json.loads((run_dir / "pipeline.json").read_text()))
     print("\n" + "\n".join(f"{t['step']:>2}. {t['stage']:<9} {t['label']:<28} {t['seconds']:>7.1f} s" for t in timings))
     print(f"pipeline done in {total / 60:.1f} min → {run_dir}")
     return json.loads((run_dir / "pipeline.json").read_text())

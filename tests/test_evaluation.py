@@ -82,7 +82,8 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
     out = recipe("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
                                    "--methods", "[eval-rmod, eval-other]", "--report_to", "wandb",
                                    "--baselines", "[eval-other]", "--note", "smoke-sized run",
-                                   "--fronts", "{a: [eval-rmod], b: [eval-other, eval-rmod]}"])
+                                   "--fronts", "{a: [eval-rmod], b: [eval-other, eval-rmod]}",
+                                   "--export_dir", str(tmp_path / "results" / "preset")])
     page = (out / "report.html").read_text()
     assert all(m in page for m in ["eval-pi_ref", "eval-rmod", "eval-other"]) and page.count("data:image/png") == 4
     for png in ["methods", "pareto", "distributions", "rmod_trace"]:
@@ -113,6 +114,8 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
     assert lo <= hv_b <= hi and fronts["differences"][0]["diff"] == pytest.approx(
         fronts["families"]["a"]["hypervolume"] - hv_b)
     assert "hypervolume a" in text
+    exported = {f.name for f in (tmp_path / "results" / "preset").iterdir()}
+    assert {"report.html", "table.md", "claims.md", "comparison.json", "pareto.png"} <= exported
     # a mistake in the methods list is refused before the finished report is touched
     with pytest.raises(Exception, match="eval-rmdo"):
         recipe("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
