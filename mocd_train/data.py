@@ -10,8 +10,6 @@ and device.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mocd_train.assets import Prompt
+from mocd_train.atomic import atomic_dir
 from mocd_train.rewards import Normalizer, RewardSet
 from mocd_train.rundir import atomic_write_json, is_complete, stage_dir
 
@@ -113,11 +112,8 @@ def save_dataset(rows: list[dict], final: Path) -> None:
     """A `datasets` dataset written to a temp folder, then renamed into place."""
     from datasets import Dataset
 
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    Dataset.from_list(rows).save_to_disk(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        Dataset.from_list(rows).save_to_disk(str(tmp))
 
 
 def write_rollout_shards(prompts: list[Prompt], model, tokenizer, rewards: RewardSet, shard_dir: Path, *,

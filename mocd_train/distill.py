@@ -4,17 +4,17 @@ that deploys without mocd_train (weights, tokenizer with its chat template, gene
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from mocd_train.assets import unit_hash
+from mocd_train.atomic import atomic_dir
 from mocd_train.decoding.engine import positions
 from mocd_train.decoding.mod import Mod, PolicySet
 from mocd_train.errors import ConfigError
-from mocd_train.policies import adapter_of, common_args, load_policy, lora_config, pad_examples
+from mocd_train.models import adapter_of, load_policy
+from mocd_train.policies import common_args, lora_config, pad_examples
 from mocd_train.rewards import Normalizer
 from mocd_train.rundir import teacher_dataset
 
@@ -108,14 +108,11 @@ def model_card(name: str, student: str, teachers: dict, objectives: list[str], s
 def export_student(model, tokenizer, out: Path, card: str, provenance: dict) -> Path:
     """One standalone checkpoint: merged weights, tokenizer + chat template, generation config, README, provenance;
     written to a temp folder, then renamed."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(card)
-    (tmp / "mocd_distill.json").write_text(json.dumps(provenance, indent=2, default=str))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+        (tmp / "mocd_distill.json").write_text(json.dumps(provenance, indent=2, default=str))
     return out
 
 

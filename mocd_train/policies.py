@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from mocd_train.assets import resolve_model
+from mocd_train.atomic import atomic_dir
 from mocd_train.config import DIVERGENCES
 from mocd_train.data import chat_texts
 from mocd_train.errors import ConfigError
@@ -281,8 +282,6 @@ def ppo_trainer(cfg, model, tokenizer, prompts: list[str], reward_set, normalize
 
 def save_policy(trainer, tokenizer, out: Path, merge: bool) -> dict:
     """policies/<name>/adapter (or model, when trained in full) and optionally merged/; temp folder then rename."""
-    import os
-    import shutil
 
     from peft import PeftModel
 
@@ -294,13 +293,10 @@ def save_policy(trainer, tokenizer, out: Path, merge: bool) -> dict:
                            "for LoRA training.")
     saved = {}
     for kind, obj in [("adapter" if is_lora else "model", model)] + ([("merged", None)] if merge and is_lora else []):
-        tmp, final = out / f"{kind}.tmp", out / kind
-        shutil.rmtree(tmp, ignore_errors=True)
-        (obj if obj is not None else model.merge_and_unload()).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        saved[kind] = str(final)
+        with atomic_dir(out / kind) as tmp:
+            (obj if obj is not None else model.merge_and_unload()).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        saved[kind] = str(out / kind)
     return saved
 
 
@@ -330,16 +326,8 @@ def soup_model(adapters: dict[str, str | Path], weights: dict[str, float], cache
 
 def soup(adapters: dict[str, str | Path], weights: dict[str, float], out: str | Path, cache_dir: str | None = None):
     """Save the soup as a full checkpoint (temp folder, then rename)."""
-    import os
-    import shutil
-
-
     merged, base_path = soup_model(adapters, weights, cache_dir)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    load_tokenizer(base_path).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        load_tokenizer(base_path).save_pretrained(tmp)
+    return Path(out)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from mocd_train.atomic import atomic_write_text
+
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974",
           "#64B5CD"]
 
@@ -199,9 +201,7 @@ img{{max-width:100%;border:1px solid #eee}}figure{{margin:1.5em 0}}li{{margin:.5
 <p>Held-out prompts; rewards normalised with π_ref's rollout statistics; worst case = min over objectives; win rates
 are paired by prompt with ties counted half, 95% bootstrap intervals over prompts.</p>
 <table><tr>{head}</tr>{body}</table>{extras}{claims_html}{imgs}<h2>Sample responses</h2>{sample_html}</body></html>"""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(doc)
-    tmp.replace(path)
+    atomic_write_text(path, doc)
     return path
 
 

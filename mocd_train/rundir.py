@@ -6,14 +6,13 @@ Partial files are always written under a temporary name and renamed, so a kill n
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mocd_train.atomic import atomic_dir, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
 from mocd_train.config import config_diff, to_dict
 from mocd_train.errors import ConfigError
 
@@ -32,18 +31,6 @@ def teacher_dataset(run_dir: str | Path, name: str) -> Path:
         raise ConfigError(f"teacher {name!r}: no dataset at {stage_dir(run_dir, 'teach') / name / 'dataset'} and not a "
                           "dataset folder; decode it first with recipes/teach.py.")
     return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def is_complete(directory: str | Path) -> bool:

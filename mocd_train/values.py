@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mocd_train.assets import resolve_model, split_of, unit_hash
+from mocd_train.atomic import atomic_dir
 from mocd_train.data import chat_texts
 from mocd_train.errors import ConfigError
 from mocd_train.models import load_tokenizer
@@ -163,26 +164,18 @@ class ValueModel(nn.Module):
     def save(self, directory: str | Path, tokenizer) -> None:
         """value_config.json + its tokenizer + head + the backbone's trained part (all of it, a LoRA adapter, or
         nothing if frozen: the spec in value_config.json re-loads it). Written to a temp folder, then renamed."""
-        import os
-        import shutil
+        from safetensors.torch import save_file  # heavy
 
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                  str(tmp / "head.safetensors"))
-        mode = self.meta.backbone["train_mode"]
-        if mode == "full":
-            self.backbone.save_pretrained(tmp / "backbone")
-        elif mode == "lora":
-            self.backbone.save_pretrained(tmp / "adapter")
-        tokenizer.save_pretrained(tmp / "tokenizer")
-        (tmp / VALUE_CONFIG).write_text(json.dumps(asdict(self.meta), indent=2))
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
+        with atomic_dir(directory) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                      str(tmp / "head.safetensors"))
+            mode = self.meta.backbone["train_mode"]
+            if mode == "full":
+                self.backbone.save_pretrained(tmp / "backbone")
+            elif mode == "lora":
+                self.backbone.save_pretrained(tmp / "adapter")
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            (tmp / VALUE_CONFIG).write_text(json.dumps(asdict(self.meta), indent=2))
 
     @classmethod
     def load(cls, directory: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

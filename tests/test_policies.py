@@ -105,7 +105,7 @@ def test_grpo_raises_a_learnable_reward(tiny_lm, tmp_path):
 def test_sft_on_a_teacher_dataset_then_merge(tiny_lm, tmp_path):
     from datasets import Dataset
 
-    from mocd_train.policies import load_policy
+    from mocd_train.models import load_policy
 
     synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=8)
     teacher = tmp_path / "teach" / "t" / "dataset"

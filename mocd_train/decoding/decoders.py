@@ -17,8 +17,9 @@ from mocd_train.decoding.map_d import MapD
 from mocd_train.decoding.mod import Mod, PolicySet
 from mocd_train.decoding.weights import select_block, worst_case_weights
 from mocd_train.errors import ConfigError
+from mocd_train.models import adapter_base, adapter_of, load_policy, policy_dir
 from mocd_train.palette import load_palette
-from mocd_train.policies import adapter_base, adapter_of, load_policy, policy_dir, soup_model
+from mocd_train.policies import soup_model
 from mocd_train.rundir import stage_dir
 from mocd_train.values import ValueModel
 

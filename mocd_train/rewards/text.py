@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mocd_train.assets import cache_root, load_prompts, package_path, split_of
+from mocd_train.atomic import atomic_write_json
 from mocd_train.rewards.base import register
 
 # ------------------------------------------------------------------------------------------------- embeddings
@@ -213,9 +214,7 @@ class _LinearProbe:
             x, y = make_data()
             lr = LogisticRegression(C=4.0, class_weight="balanced", max_iter=2000).fit(x, y)
             w, b = lr.coef_[0].astype(np.float32), float(lr.intercept_[0])
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"w": w.tolist(), "b": b, "n": int(len(y))}))
-            tmp.replace(path)
+            atomic_write_json(path, {"w": w.tolist(), "b": b, "n": int(len(y))})
             return cls(w, b)
 
 
