@@ -106,7 +106,6 @@ def resolve_model(name: str, cache_dir: str | None = None) -> str:
     if name == SMOLLM2:
         return str(smollm2_checkpoint(cache_dir))
     if not Path(name).expanduser().exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-
         raise ConfigError(f"model {name!r}: no such folder, and it is neither a hub id (namespace/name) nor the "
                           f"embedded {SMOLLM2!r}. A trained policy is its policies/<name> folder; a student is "
                           "distill/<name>/student.")

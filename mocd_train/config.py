@@ -468,7 +468,6 @@ def validate(cfg: CommonConfig) -> None:
 
 
 def _check_rollouts(cfg: RolloutsConfig) -> None:
-
     if cfg.prompts_file is not None and not cfg.prompts_file.startswith("hf:") and not Path(cfg.prompts_file).is_file():
         raise ConfigError(f"prompts_file: {cfg.prompts_file!r} does not exist. Give a path to a .jsonl/.json/.txt "
                           "file, or hf:<dataset>[@split] for a hub dataset.")

@@ -235,24 +235,32 @@ def prompt_format_for(tokenizer) -> str:
     return "chat" if tokenizer.chat_template else "hh"
 
 
-def value_example(tokenizer, meta: ValueMeta, row: dict, targets: list[float], eos_id: int | None,
-                  max_length: int) -> dict | None:
-    """One training sequence: prompt tokens + response tokens (+ EOS if the response finished), the index where the
-    response starts and the normalised reward vector. With a shared tokenizer the policy's own response ids are
-    used, so the model sees exactly what a decoder will feed it."""
-    prompt_ids = tokenizer(value_text(meta.prompt_format, tokenizer, row["prompt"], meta.system_prompt),
+def value_input_ids(meta: ValueMeta, tokenizer, prompt: str, response_ids: list[int] | None = None,
+                    response_text: str | None = None, finished: bool = False) -> tuple[list[int], int]:
+    """The one rule for what the value model reads, in training and in decoding alike: the prompt as `value_text`
+    lays it out, then the response — the policy's own token ids when the value model shares its tokenizer, else the
+    response text (stripped, as teacher datasets store it) tokenised on its own — then EOS if the response finished.
+    Returns (ids, index where the response starts)."""
+    prompt_ids = tokenizer(value_text(meta.prompt_format, tokenizer, prompt, meta.system_prompt),
                            add_special_tokens=False)["input_ids"]
     if meta.shares_policy_tokenizer:
-        response_ids = list(row["response_ids"])
+        response = list(response_ids)
     else:
-        response_ids = tokenizer((" " if meta.prompt_format == "hh" else "") + row["response"],
-                                 add_special_tokens=False)["input_ids"]
-    if row["finished"] and eos_id is not None:
-        response_ids = response_ids + [eos_id]
-    ids = (prompt_ids + response_ids)[:max_length]
-    if len(ids) <= len(prompt_ids):  # the prompt alone fills max_length: nothing to learn from
+        response = tokenizer((" " if meta.prompt_format == "hh" else "") + response_text.strip(),
+                             add_special_tokens=False)["input_ids"]
+    if finished and tokenizer.eos_token_id is not None:
+        response = response + [tokenizer.eos_token_id]
+    return prompt_ids + response, len(prompt_ids)
+
+
+def value_example(tokenizer, meta: ValueMeta, row: dict, targets: list[float], max_length: int) -> dict | None:
+    """One training sequence (`value_input_ids` of a rollout row, cut to max_length), the index where the response
+    starts and the normalised reward vector."""
+    ids, start = value_input_ids(meta, tokenizer, row["prompt"], row["response_ids"], row["response"], row["finished"])
+    ids = ids[:max_length]
+    if len(ids) <= start:  # the prompt alone fills max_length: nothing to learn from
         return None
-    return {"input_ids": ids, "response_start": len(prompt_ids), "targets": targets, "length": len(ids),
+    return {"input_ids": ids, "response_start": start, "targets": targets, "length": len(ids),
             "prompt_id": row["prompt_id"]}
 
 
@@ -509,7 +517,7 @@ def value_datasets(rollouts, tokenizer, meta: ValueMeta, normalizer: Normalizer,
     targets = normalizer(raw).tolist()
     sides: dict[str, list[dict]] = {"train": [], "validation": [], "heldout": []}
     for row, target in zip(rollouts, targets):
-        ex = value_example(tokenizer, meta, row, target, tokenizer.eos_token_id, max_length)
+        ex = value_example(tokenizer, meta, row, target, max_length)
         if ex is None:
             continue
         if split_of(row["prompt"], heldout_fraction, salt="value-split:") == "heldout":

@@ -57,34 +57,36 @@ def test_cached_engine_yields_the_tokens_of_the_naive_reencoding_loop(kind, tiny
     assert sum(d.cost["policy_tokens"] for d in fast) < len(PROMPTS) * 3 * 20
 
 
-def test_block_values_match_the_value_model_on_the_kept_response(tiny_lm):
-    from mocd_train.data import chat_texts
+def scored_as_in_training(value, vtok, decoded):
+    """The value model on the decoded response laid out as a training example (`value_example`, what the value stage
+    trains on): its value at the last token must be what the decoder recorded for the kept branch."""
+    from mocd_train.values import value_example
 
+    for d in decoded:
+        row = {"prompt": d.prompt, "response": d.text, "response_ids": d.token_ids, "finished": d.finished,
+               "prompt_id": "p"}
+        ids = torch.tensor([value_example(vtok, value.meta, row, [0.0, 0.0], 10_000)["input_ids"]])
+        direct, _ = value(ids, torch.ones_like(ids))
+        torch.testing.assert_close(torch.tensor(d.values), direct[0, -1], atol=1e-4, rtol=0)
+
+
+def test_a_decoded_response_is_scored_exactly_as_the_same_response_in_training(tiny_lm):
     policy, tok = eos_prone(tiny_lm, boost=0.0)
     value, vtok = value_for(tiny_lm, tok)
     out = decode(policy, tok, value, vtok, True, decoder="cd_uniform")
+    scored_as_in_training(value, vtok, out)
     for d in out:
-        ids = tok(chat_texts(tok, [d.prompt])[0], add_special_tokens=False)["input_ids"] + d.token_ids
-        ids = torch.tensor([ids + ([tok.eos_token_id] if d.finished else [])])
-        direct, _ = value(ids, torch.ones_like(ids))
-        torch.testing.assert_close(torch.tensor(d.values), direct[0, -1], atol=1e-4, rtol=0)
         assert len(d.trace) == -(-len(d.token_ids + [0] * d.finished) // 4)  # one entry per block decoded
 
 
-def test_value_model_with_another_tokenizer_reads_retokenised_text(tiny_lm, tmp_path):
+def test_value_model_with_another_tokenizer_reads_retokenised_text_as_in_training(tiny_lm, tmp_path):
     from mocd_train.tiny import tiny_llama
-    from mocd_train.values import value_text
 
     other = str(tiny_llama(tmp_path / "other", vocab_size=300, seed=3))
     policy, tok = eos_prone(tiny_lm, boost=0.0)
     value, vtok = value_for(other, tok)
     assert not value.meta.shares_policy_tokenizer
-    out = decode(policy, tok, value, vtok, True, max_new_tokens=8)
-    for d in out:
-        text = value_text(value.meta.prompt_format, vtok, d.prompt) + tok.decode(d.token_ids, skip_special_tokens=True)
-        ids = torch.tensor([vtok(text, add_special_tokens=False)["input_ids"]])
-        direct, _ = value(ids, torch.ones_like(ids))
-        torch.testing.assert_close(torch.tensor(d.values), direct[0, -1], atol=1e-4, rtol=0)
+    scored_as_in_training(value, vtok, decode(policy, tok, value, vtok, True, max_new_tokens=8))
 
 
 def test_value_model_for_another_policys_tokens_is_refused(tiny_lm, tmp_path):

@@ -123,7 +123,6 @@ def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> D
     if cfg.decoder in ("mod", "soup"):
         return _mod_decoder(cfg, policy, tokenizer)
     if cfg.decoder == "map_d":
-
         palette = load_palette(cfg.palette, objectives, cfg.run_dir)
         return MapD(policy, tokenizer, reward_set, torch.tensor(palette["lam"]), cfg.num_candidates,
                     cfg.max_new_tokens, cfg.temperature, cfg.top_p, _system_prompt(cfg), cfg.batch_size,
@@ -135,7 +134,6 @@ def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> D
         k, b = 1, cfg.max_new_tokens
     value = vtok = None
     if cfg.decoder != "pi_ref" and cfg.score_with == "value":
-
         path = Path(cfg.value_model or stage_dir(cfg.run_dir, "value") / "model")
         value, vtok = ValueModel.load(path, policy.device, policy.dtype, objectives, cfg.cache_dir)
         params["value_model"] = str(path)

@@ -18,7 +18,7 @@ import torch
 from mocd_train.data import chat_texts, eos_ids
 from mocd_train.decoding.weights import check_finite_values
 from mocd_train.errors import WeightSolveError
-from mocd_train.values import same_tokenizer, value_text
+from mocd_train.values import same_tokenizer, value_input_ids
 
 
 @dataclass
@@ -83,12 +83,15 @@ class BlockEngine:
         self.stop_set = set(self.stop.tolist())
         self.shared = value_model is not None and value_model.meta.shares_policy_tokenizer
         if value_model is not None:
-
             if value_tokenizer is None:
                 raise ValueError("pass the value model's tokenizer (ValueModel.load returns it).")
             if self.shared and not same_tokenizer(tokenizer, value_tokenizer):
                 raise ValueError("the value model was trained on another policy's token ids (its tokenizer differs "
                                  "from this policy's); train a value model on this policy's rollouts.")
+            if self.shared and value_model.meta.system_prompt != system_prompt:
+                raise ValueError(f"the value model read prompts with the system prompt "
+                                 f"{value_model.meta.system_prompt!r}, the policy is prompted with {system_prompt!r}; "
+                                 "they share one cache, so they must match (train the value model on these rollouts).")
 
     @torch.no_grad()
     def generate(self, prompts: list[str], rule: Rule, generator: torch.Generator | None = None,
@@ -224,14 +227,13 @@ class BlockEngine:
         return values[:, -1].view(n, k, -1)
 
     def _value_tokens(self, prompts, seqs):
-
-        meta, out = self.value.meta, []
+        """What the value model reads for each (prompt, response so far): `value_input_ids`, as in training."""
+        out = []
         for prompt, s in zip(prompts, seqs):
-            ended = bool(s) and s[-1] in self.stop_set
             text = self.tok.decode([t for t in s if t not in self.stop_set], skip_special_tokens=True)
-            ids = self.vtok(value_text(meta.prompt_format, self.vtok, prompt, meta.system_prompt)
-                            + (" " if meta.prompt_format == "hh" else "") + text, add_special_tokens=False)["input_ids"]
-            out.append(ids + ([self.vtok.eos_token_id] if ended and self.vtok.eos_token_id is not None else []))
+            ids, _ = value_input_ids(self.value.meta, self.vtok, prompt, response_text=text,
+                                     finished=bool(s) and s[-1] in self.stop_set)
+            out.append(ids)
         return out
 
 

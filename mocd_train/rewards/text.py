@@ -219,12 +219,10 @@ class _LinearProbe:
 
 
 def _train_prompts(heldout_fraction: float):
-
     return load_prompts(split="train", heldout_fraction=heldout_fraction)
 
 
 def _probe_path(cache_dir: str | None, kind: str, heldout_fraction: float):
-
     key = json.dumps([_PROBE_DATA_VERSION, REFUSALS, _COMPLY_OPENERS, heldout_fraction])
     return cache_root(cache_dir) / f"{kind}-probe-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
 
@@ -272,7 +270,6 @@ class PromptHarmDetector:
         self.probe = _LinearProbe.fit_or_load(_probe_path(cache_dir, "harm-prompt", heldout_fraction), self._data)
 
     def _data(self):
-
         def lines(dist, rel, field=None, limit=None):
             rows = package_path(dist, rel).read_text().splitlines()[:limit]
             return [json.loads(r)[field] if field else r for r in rows if r.strip()]
