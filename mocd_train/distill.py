@@ -10,13 +10,12 @@ import torch
 
 from mocd_train.assets import unit_hash
 from mocd_train.atomic import atomic_dir
-from mocd_train.decoding.engine import positions
 from mocd_train.decoding.mod import Mod, PolicySet
 from mocd_train.errors import ConfigError
-from mocd_train.models import adapter_of, load_policy
 from mocd_train.policies import common_args, lora_config, pad_examples
 from mocd_train.rewards import Normalizer
 from mocd_train.rundir import teacher_dataset
+from mocd_train.tensors import positions
 
 
 def mix_teachers(run_dir, teachers: dict[str, float], names: list[str], normalizer: Normalizer, seed: int = 0,
@@ -156,13 +155,7 @@ def mod_teacher(run_dir, name: str, tokenizer, policy):
     if "rule" not in params or not params.get("policies"):
         raise ConfigError(f"token_kl: teacher {name!r} is not a MOD teacher (decoder mod) of this run; token-level "
                           "distillation needs MOD's explicit next-token distribution.")
-    paths = [Path(p) for p in params["policies"]]
-    adapters = [adapter_of(p) for p in paths]
-    if all(adapters):
-        policies = PolicySet.from_adapters(policy, {f"p{i}": a for i, a in enumerate(adapters)})
-    else:
-        policies = PolicySet.from_models([load_policy(p, policy.device, policy.dtype)[0] for p in paths],
-                                         ref_model=policy if params["rule"] == "js" else None)
+    policies = PolicySet.for_policies([Path(p) for p in params["policies"]], policy, params["rule"])
     for p in policies.models:
         p.requires_grad_(False)
     return Mod(policies, tokenizer, params["weights"], params["rule"], params.get("alpha", 0.5),

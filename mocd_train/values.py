@@ -24,6 +24,7 @@ from mocd_train.data import chat_texts
 from mocd_train.errors import ConfigError
 from mocd_train.models import load_tokenizer
 from mocd_train.rewards import Normalizer
+from mocd_train.tensors import positions
 
 VALUE_CONFIG = "value_config.json"
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # where along a response the metrics (and the pairwise term) read the value
@@ -81,12 +82,6 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, cache_
     return backbone, tokenizer
 
 
-def positions_from_mask(attention_mask: torch.Tensor, new_len: int) -> torch.Tensor:
-    """Position ids of the last `new_len` columns: count of real tokens before each, so left padding, right padding
-    and padding inside a sequence (finished branches) all give the positions an unpadded sequence would have."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_len:]
-
-
 @dataclass
 class ValueState:
     """The value model's KV cache of a batch of prefixes and the attention mask it was built with."""
@@ -126,7 +121,7 @@ class ValueModel(nn.Module):
                 use_cache: bool = False):
         """Values [N, T, G] of the T new tokens. `attention_mask` covers the cached prefix and the new tokens."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=positions_from_mask(attention_mask, input_ids.shape[1]),
+                            position_ids=positions(attention_mask, input_ids.shape[1]),
                             past_key_values=past_key_values, use_cache=use_cache)
         hidden = out.last_hidden_state
         values = self.head(hidden.to(self.head.weight.dtype)).float()

@@ -184,12 +184,12 @@ def merged_models(tiny_lm, adapters):
 def test_batched_adapters_equal_separate_forwards_with_cache(tiny_lm, adapters):
     from transformers import AutoModelForCausalLM
 
-    from mocd_train.decoding.engine import _left_pad
+    from mocd_train.tensors import left_pad
 
     batched = PolicySet.from_adapters(AutoModelForCausalLM.from_pretrained(tiny_lm), adapters)
     separate = PolicySet.from_models(merged_models(tiny_lm, adapters),
                                      ref_model=AutoModelForCausalLM.from_pretrained(tiny_lm))
-    ids, mask = _left_pad([[5, 6, 7, 8, 9], [11, 12]], 0, "cpu")
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [11, 12]], 0, "cpu")
     a, ca = batched.forward(ids, mask, None, with_ref=True)
     b, cb = separate.forward(ids, mask, None, with_ref=True)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

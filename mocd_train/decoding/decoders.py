@@ -7,6 +7,7 @@ RMOD (worst-case weights, docs/algorithms.md §3), CD-uniform / CD-single(g) / C
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -17,7 +18,7 @@ from mocd_train.decoding.map_d import MapD
 from mocd_train.decoding.mod import Mod, PolicySet
 from mocd_train.decoding.weights import select_block, worst_case_weights
 from mocd_train.errors import ConfigError
-from mocd_train.models import adapter_base, adapter_of, load_policy, policy_dir
+from mocd_train.models import adapter_of, policy_dir
 from mocd_train.palette import load_palette
 from mocd_train.policies import soup_model
 from mocd_train.rundir import stage_dir
@@ -115,9 +116,6 @@ def block_rule(decoder: str, num_objectives: int, *, rmod_lambda: float = 1.0, s
 
 def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> Decoder:
     """The decoder a TeachConfig describes, on this policy; loads the value model or palette it needs."""
-    from pathlib import Path
-
-
     params = {"K": cfg.num_candidates, "B": cfg.block_size, "T": cfg.max_new_tokens, "temperature": cfg.temperature,
               "top_p": cfg.top_p}
     if cfg.decoder in ("mod", "soup"):
@@ -165,9 +163,6 @@ def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> D
 def _mod_decoder(cfg, policy, tokenizer):
     """MOD over the named policies — LoRA adapters on π_ref as one batched model, else full models — or their
     rewarded soup, decoded by the same sampler (a soup is MOD with one policy)."""
-    from pathlib import Path
-
-
     paths = [policy_dir(cfg.run_dir, p) for p in cfg.policies]
     adapters = [adapter_of(p) for p in paths]
     params = {"T": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
@@ -179,16 +174,9 @@ def _mod_decoder(cfg, policy, tokenizer):
         model, _ = soup_model({f"p{i}": a for i, a in enumerate(adapters)},
                               {f"p{i}": w for i, w in enumerate(weights)}, cfg.cache_dir)
         policies, weights = PolicySet.from_models([model.to(policy.device, policy.dtype)]), [1.0]
-    elif all(adapters):
-        bases = {Path(adapter_base(a)).resolve() for a in adapters}
-        if bases != {Path(policy.config._name_or_path).resolve()}:
-            raise ConfigError(f"mod: the adapters' base models {sorted(map(str, bases))} are not this run's model "
-                              f"{policy.config._name_or_path}; MOD combines policies regularised towards one π_ref.")
-        policies = PolicySet.from_adapters(policy, {f"p{i}": a for i, a in enumerate(adapters)})
-        params["batched_adapters"] = True
     else:
-        models = [load_policy(p, policy.device, policy.dtype, cfg.cache_dir)[0] for p in paths]
-        policies = PolicySet.from_models(models, ref_model=policy if rule == "js" else None)
+        policies = PolicySet.for_policies(paths, policy, rule, cfg.cache_dir)
+        params["batched_adapters"] = policies.adapters is not None
     params.update(rule=rule, alpha=cfg.alpha, jsd_approximation=cfg.jsd_approximation)
     return Mod(policies, tokenizer, weights, rule, cfg.alpha, cfg.jsd_approximation, cfg.greedy, cfg.temperature,
                cfg.top_k, cfg.top_p, cfg.max_new_tokens, _system_prompt(cfg), cfg.batch_size, name=cfg.decoder,

@@ -18,6 +18,7 @@ import torch
 from mocd_train.data import chat_texts, eos_ids
 from mocd_train.decoding.weights import check_finite_values
 from mocd_train.errors import WeightSolveError
+from mocd_train.tensors import left_pad, positions
 from mocd_train.values import same_tokenizer, value_input_ids
 
 
@@ -45,10 +46,6 @@ def in_batches(prompts: list[str], batch_size: int, decode: Callable[[list[str]]
         if progress:
             progress(len(out))
     return out
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
@@ -116,7 +113,7 @@ class BlockEngine:
         while active and produced < self.t:
             b = min(self.b, self.t - produced)
             if cache is None or not self.reuse_cache:  # (re-)encode the active prompts' prefixes
-                ids, pmask = _left_pad([prompt_ids[p] + responses[p] for p in active], self.pad, dev)
+                ids, pmask = left_pad([prompt_ids[p] + responses[p] for p in active], self.pad, dev)
                 cache, logits = self._policy_forward(ids, pmask, None)
                 cost["prefill_tokens"] += int(pmask.sum())
                 cache.batch_repeat_interleave(k)
@@ -196,7 +193,7 @@ class BlockEngine:
     def _policy_forward(self, ids, mask, cache):
         from transformers import DynamicCache
 
-        out = self.policy(input_ids=ids, attention_mask=mask, position_ids=positions(mask)[:, -ids.shape[1]:],
+        out = self.policy(input_ids=ids, attention_mask=mask, position_ids=positions(mask, ids.shape[1]),
                           past_key_values=cache if cache is not None else DynamicCache(config=self.policy.config),
                           use_cache=True)
         return out.past_key_values, out.logits[:, -1]
@@ -220,7 +217,7 @@ class BlockEngine:
             full = [prompt_ids[p] + s for p, s in zip([p for p in active for _ in range(k)], seqs)]
         else:  # the value model reads its own tokens: re-tokenise the text
             full = self._value_tokens([prompts[p] for p in active for _ in range(k)], seqs)
-        ids, mask = _left_pad(full, self.vtok.pad_token_id if self.vtok is not None and self.vtok.pad_token_id
+        ids, mask = left_pad(full, self.vtok.pad_token_id if self.vtok is not None and self.vtok.pad_token_id
                               is not None else self.pad, self.value.head.weight.device)
         cost["value_tokens"] += int(mask.sum())
         values, _ = self.value(ids, mask)
@@ -235,14 +232,3 @@ class BlockEngine:
                                      finished=bool(s) and s[-1] in self.stop_set)
             out.append(ids)
         return out
-
-
-def _left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)

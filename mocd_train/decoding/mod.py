@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from mocd_train.data import chat_texts, eos_ids
-from mocd_train.decoding.engine import Decoded, _left_pad, in_batches, positions, sample_tokens
+from mocd_train.decoding.engine import Decoded, in_batches, sample_tokens
 from mocd_train.errors import ConfigError, NonFiniteError
+from mocd_train.models import adapter_base, adapter_of, load_policy
+from mocd_train.tensors import left_pad, positions
 
 RULES = ("reverse_kl", "forward_kl", "js", "alpha")
 LOG2 = math.log(2.0)
@@ -150,6 +152,21 @@ class PolicySet:
         return cls([model.eval()], names)
 
     @classmethod
+    def for_policies(cls, paths: list[Path], ref, rule: str, cache_dir: str | None = None) -> "PolicySet":
+        """The one way a run's trained policies become a MOD policy set: LoRA adapters on π_ref (`ref`, loaded) as one
+        batched model — refused if their base is not π_ref, since MOD combines policies regularised towards one
+        reference — else full checkpoints, with π_ref beside them for the JSD rule."""
+        adapters = [adapter_of(p) for p in paths]
+        if all(adapters):
+            bases = {Path(adapter_base(a)).resolve() for a in adapters}
+            if bases != {Path(ref.config._name_or_path).resolve()}:
+                raise ConfigError(f"mod: the adapters' base models {sorted(map(str, bases))} are not this run's model "
+                                  f"{ref.config._name_or_path}; MOD combines policies regularised towards one π_ref.")
+            return cls.from_adapters(ref, {f"p{i}": a for i, a in enumerate(adapters)})
+        models = [load_policy(p, ref.device, ref.dtype, cache_dir)[0] for p in paths]
+        return cls.from_models(models, ref_model=ref if rule == "js" else None)
+
+    @classmethod
     def from_models(cls, models: list, ref_model=None) -> "PolicySet":
         vocab = {m.get_output_embeddings().weight.shape[0] for m in models + ([ref_model] if ref_model else [])}
         if len(vocab) != 1:
@@ -168,7 +185,7 @@ class PolicySet:
         """ids/mask [N, L] are shared by all policies (they decode the same prefix); caches None on the prefill."""
         from transformers import DynamicCache
 
-        pos = positions(mask)[:, -ids.shape[1]:]
+        pos = positions(mask, ids.shape[1])
         if self.adapters is not None:
             names = self.adapters + (["__base__"] if with_ref else [])
             r = len(names)
@@ -254,7 +271,7 @@ class Mod:
         stop = self.stop.to(dev)
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"]
                       for t in chat_texts(self.tokenizer, prompts, self.system_prompt)]
-        ids, mask = _left_pad(prompt_ids, self.pad, dev)
+        ids, mask = left_pad(prompt_ids, self.pad, dev)
         n = len(prompts)
         logps, cache = self.policies.forward(ids, mask, None, self.with_ref)
         rows = logps.shape[0]
