@@ -22,16 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from mocd_train.data import load_rollouts  # noqa: E402
-
-
-def recipe():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_policy",
-                                                  Path(__file__).parents[1] / "recipes" / "train_policy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from mocd_train.stages import policies  # noqa: E402
 
 
 def run(run_dir: Path, model: str, objectives: list[str], method: str, lora: bool, steps: int, quick: bool) -> dict:
@@ -40,7 +31,7 @@ def run(run_dir: Path, model: str, objectives: list[str], method: str, lora: boo
                       "--max_completion_length", "16" if quick else "48"]}[method]
     name = f"{method}-{'lora' if lora else 'full'}"
     with contextlib.redirect_stdout(sys.stderr):  # trainer logs; stdout carries the JSON only
-        out = recipe().main(["--run_dir", str(run_dir), "--model", model, "--objectives", f"[{', '.join(objectives)}]",
+        out = policies.main(["--run_dir", str(run_dir), "--model", model, "--objectives", f"[{', '.join(objectives)}]",
                              "--report_to", "none", "--method", method, "--name", name,
                              "--use_lora", str(lora).lower(), "--max_steps", str(steps), "--logging_steps", "1",
                              "--per_device_train_batch_size", "8", "--learning_rate", "1e-4",

@@ -1,59 +1,9 @@
-"""Stage `rollouts`: K responses per prompt from π_ref, scored by every objective, with normalisation stats.
+"""Stage `rollouts`: K responses per prompt from π_ref, scored by every objective.
+The code is `mocd_train.stages.rollouts`; `--help` lists every key.
+Run as `python recipes/rollouts.py --config <recipe.yaml>` or under `accelerate launch`."""
 
-    python recipes/rollouts.py --config recipes/smollm2-mini-hh/pipeline.yaml [--key value ...]
-    accelerate launch --config_file accelerate_configs/cpu.yaml --num_processes 2 recipes/rollouts.py --config ...
-
-Resumable: a killed run continues from its last finished chunk; a complete one is skipped.
-"""
-
-from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
-from mocd_train.config import load_config
-from mocd_train.data import merge_rollouts, write_rollout_shards
-from mocd_train.models import load_causal_lm, process_state, resolve_device
-from mocd_train.rewards import RewardSet, parse_objectives
-from mocd_train.rundir import is_complete, mark_complete, prepare_stage
-from mocd_train.tracking import start_run
-
-
-def main(argv=None):
-    # parse
-    cfg = load_config("rollouts", argv)
-    state = process_state(cfg.device)
-    out = prepare_stage(cfg, "rollouts", cfg.overwrite, state.is_main_process)
-    state.wait_for_everyone()
-    if is_complete(out):
-        print(f"rollouts already complete: {out}")
-        return out
-
-    # load
-    prompts = load_prompts(cfg.prompt_sources, cfg.split, cfg.heldout_fraction, cfg.max_prompts, cfg.prompts_file)
-    device = resolve_device(cfg.device, state.device)
-    policy, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype, cfg.cache_dir)
-    rewards = RewardSet.from_config(cfg.objectives, device, cfg.cache_dir, cfg.score_batch_size)
-
-    # run: each process generates and scores its share of chunks
-    write_rollout_shards(prompts, policy, tokenizer, rewards, out / "shards", seed=cfg.seed,
-                         chunk_size=cfg.chunk_size, num_samples=cfg.num_samples, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, top_p=cfg.top_p, system_prompt=cfg.system_prompt,
-                         rank=state.process_index, world_size=state.num_processes)
-    state.wait_for_everyone()
-
-    # save + log (main process)
-    if state.is_main_process:
-        names = [s.name for s in parse_objectives(cfg.objectives)]
-        summary = merge_rollouts(prompts, out / "shards", out, names, cfg.chunk_size, cfg.normalization)
-        mark_complete(out, summary)
-        run = start_run(cfg, "rollouts")
-        if run is not None:
-            run.summary.update({k: v for k, v in summary.items() if not isinstance(v, (str, list))})
-            run.finish()
-        print(f"rollouts: {summary['rows']} responses for {summary['prompts']} prompts, "
-              f"{summary['tokens_per_second']:.0f} tokens/s")
-        print(f"  dataset        {summary['dataset']}\n  normalisation  {summary['normalization']}")
-    state.wait_for_everyone()
-    return out
-
+from mocd_train.stages.rollouts import main
 
 if __name__ == "__main__":
     run_stage(main)

@@ -5,7 +5,26 @@ for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DI
                    "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}.items():
     os.environ[key] = value
 
+import importlib  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def stage(name: str):
+    """A stage's entry point, mocd_train.stages.<name> (what recipes/<script>.py runs)."""
+    return importlib.import_module(f"mocd_train.stages.{name}")
+
+
+def killed_at(step):
+    """A trainer callback that interrupts training after `step`, as a crash or Ctrl-C would."""
+    from transformers import TrainerCallback
+
+    class Killed(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise KeyboardInterrupt
+
+    return Killed()
 
 
 @pytest.fixture(scope="session", autouse=True)

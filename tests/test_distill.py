@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
+from conftest import stage
 from datasets import Dataset
-from test_rollouts import recipe
 
 from mocd_train.config import ConfigError
 from mocd_train.tiny import synthetic_rollouts
@@ -34,7 +34,7 @@ def test_student_learns_the_teacher_and_deploys_without_mocd_train(tiny_lm, tmp_
     transformers."""
     synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=4)
     teacher(tmp_path, "rmod", teacher_rows(48))
-    out = recipe("distill").main(distill_args(tmp_path, tiny_lm, "--teachers", "{rmod: 1.0}", "--use_lora", "false",
+    out = stage("distill").main(distill_args(tmp_path, tiny_lm, "--teachers", "{rmod: 1.0}", "--use_lora", "false",
                                               "--learning_rate", "1e-2", "--max_steps", "30",
                                               "--heldout_fraction", "0.25"))
     summary = json.loads((out / "DONE.json").read_text())
@@ -63,7 +63,7 @@ def test_lora_student_merged_logits_equal_the_adapter_model(tiny_lm, tmp_path):
 
     synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=4)
     teacher(tmp_path, "rmod", teacher_rows(16))
-    out = recipe("distill").main(distill_args(tmp_path, tiny_lm, "--teachers", "{rmod: 1.0}", "--learning_rate",
+    out = stage("distill").main(distill_args(tmp_path, tiny_lm, "--teachers", "{rmod: 1.0}", "--learning_rate",
                                               "2e-2", "--max_steps", "4"))
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     base = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
@@ -128,7 +128,7 @@ def test_completion_examples_end_only_finished_responses_and_train_as_built(tiny
 ])
 def test_distill_config_errors(tiny_lm, tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
-        recipe("distill").main(distill_args(tmp_path, tiny_lm, *extra))
+        stage("distill").main(distill_args(tmp_path, tiny_lm, *extra))
 
 
 def test_token_level_distillation_from_mod_reduces_the_kl(tiny_lm, tmp_path):
@@ -137,16 +137,16 @@ def test_token_level_distillation_from_mod_reduces_the_kl(tiny_lm, tmp_path):
     synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=4)
     for i, name in enumerate(["a", "b"]):
         random_adapter(tiny_lm, tmp_path / "policies" / name / "adapter", seed=i)
-    recipe("teach").main(["--run_dir", str(tmp_path), "--model", tiny_lm, "--objectives", "[readability, positivity]",
+    stage("teach").main(["--run_dir", str(tmp_path), "--model", tiny_lm, "--objectives", "[readability, positivity]",
                           "--report_to", "none", "--decoder", "mod", "--name", "mod-t", "--policies", "[a, b]",
                           "--weights", "[0.3, 0.7]", "--divergence", "forward_kl", "--max_prompts", "16",
                           "--max_new_tokens", "12", "--batch_size", "8"])
-    out = recipe("distill").main(distill_args(tmp_path, tiny_lm, "--teachers", "{mod-t: 1.0}", "--loss", "token_kl",
+    out = stage("distill").main(distill_args(tmp_path, tiny_lm, "--teachers", "{mod-t: 1.0}", "--loss", "token_kl",
                                               "--use_lora", "false", "--learning_rate", "5e-3", "--max_steps", "12",
                                               "--per_device_train_batch_size", "4", "--heldout_fraction", "0.0"))
     losses = json.loads((out / "DONE.json").read_text())["losses"]
     assert losses[-1] < 0.5 * losses[0], losses  # KL(p_MOD ‖ p_student) on the teacher's samples falls
     with pytest.raises(ConfigError, match="not a MOD teacher"):
         teacher(tmp_path, "plain", teacher_rows(8))
-        recipe("distill").main(distill_args(tmp_path, tiny_lm, "--teachers", "{plain: 1.0}", "--loss", "token_kl",
+        stage("distill").main(distill_args(tmp_path, tiny_lm, "--teachers", "{plain: 1.0}", "--loss", "token_kl",
                                             "--name", "x"))

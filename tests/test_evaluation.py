@@ -58,8 +58,8 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
     import html
     import json
 
+    from conftest import stage
     from datasets import Dataset
-    from test_rollouts import recipe
 
     from mocd_train.rewards import Normalizer
     from mocd_train.tiny import synthetic_rollouts
@@ -79,7 +79,7 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
                             "cost_value_tokens": 40.0, "cost_seconds": 0.5,
                             **{f"reward_{n}": float(raw[i, j]) for j, n in enumerate(names)}}
                            for i in range(30)]).save_to_disk(str(tmp_path / "teach" / method / "dataset"))
-    out = recipe("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
+    out = stage("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
                                    "--methods", "[eval-rmod, eval-other]", "--report_to", "wandb",
                                    "--baselines", "[eval-other]", "--note", "smoke-sized run",
                                    "--fronts", "{a: [eval-rmod], b: [eval-other, eval-rmod]}",
@@ -118,7 +118,7 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
     assert {"report.html", "table.md", "claims.md", "comparison.json", "pareto.png"} <= exported
     # a mistake in the methods list is refused before the finished report is touched
     with pytest.raises(Exception, match="eval-rmdo"):
-        recipe("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
+        stage("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
                                  "--methods", "[eval-rmdo]", "--report_to", "none"])
     assert (out / "report.html").read_text() == page
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from test_rollouts import recipe
+from conftest import stage
 
 from mocd_train.config import ConfigError
 from mocd_train.decoding.map_d import MapD, resample
@@ -13,7 +13,7 @@ OBJECTIVES = ["readability", "positivity"]
 
 
 def solve(run_dir, *extra):
-    return recipe("solve_palette").main(["--run_dir", str(run_dir), "--objectives", f"[{', '.join(OBJECTIVES)}]",
+    return stage("palette").main(["--run_dir", str(run_dir), "--objectives", f"[{', '.join(OBJECTIVES)}]",
                                          "--report_to", "none", *extra])
 
 

@@ -4,7 +4,7 @@ import json
 
 import test_policies  # noqa: F401  (registers the test reward "brevity": it varies even for a random tiny model)
 import yaml
-from test_rollouts import recipe
+from conftest import stage
 
 
 def test_pipeline_runs_end_to_end_then_skips_complete_steps(tiny_lm, tmp_path):
@@ -38,13 +38,13 @@ def test_pipeline_runs_end_to_end_then_skips_complete_steps(tiny_lm, tmp_path):
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
-    first = recipe("pipeline").main(["--config", str(path)])
+    first = stage("pipeline").main(["--config", str(path)])
     assert [s["stage"] for s in first["steps"]][-1] == "evaluate" and len(first["steps"]) == 11
     page = (run_dir / "eval" / "report.html").read_text()
     assert all(m in page for m in ["eval-pi_ref", "eval-rmod", "eval-mod", "eval-student"])
     table = json.loads((run_dir / "eval" / "comparison.json").read_text())
     assert set(table["methods"]) == {"eval-pi_ref", "eval-rmod", "eval-mod", "eval-student"}
-    second = recipe("pipeline").main(["--config", str(path)])  # everything complete: skipped (evaluate re-runs)
+    second = stage("pipeline").main(["--config", str(path)])  # everything complete: skipped (evaluate re-runs)
     assert sum(s["seconds"] for s in second["steps"][:-1]) < sum(s["seconds"] for s in first["steps"][:-1]) / 3
 
 
@@ -55,7 +55,7 @@ def test_best_placeholder_picks_the_parameter_of_the_best_method_on_an_earlier_e
 
     from mocd_train.errors import ConfigError
 
-    pipeline = recipe("pipeline")
+    pipeline = stage("pipeline")
     methods = {"val-pi_ref": {"mean_worst_case": 0.9, "params": {}},
                "val-rmod-1": {"mean_worst_case": -0.2, "params": {"rmod_lambda": 1.0}},
                "val-rmod-5": {"mean_worst_case": 0.1, "params": {"rmod_lambda": 5.0}},

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from test_rollouts import killed_at, recipe
+from conftest import killed_at, stage
 
 from mocd_train.config import ConfigError
 from mocd_train.rewards.base import register
@@ -34,7 +34,7 @@ def rewards_rose(summary, n=4, by=0.5):
 @pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "js", "alpha"])
 def test_dpo_margin_grows_for_every_divergence(divergence, tiny_lm, tmp_path):
     synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=32)
-    out = recipe("train_policy").main(policy_args(
+    out = stage("policies").main(policy_args(
         tmp_path, tiny_lm, "--method", "dpo", "--objective", "readability", "--divergence", divergence,
         "--learning_rate", "2e-3", "--max_steps", "16", "--logging_steps", "4"))
     summary = json.loads((out / "DONE.json").read_text())
@@ -91,7 +91,7 @@ def test_dpo_closes_only_finished_answers(tiny_lm, tmp_path):
 
 def test_grpo_raises_a_learnable_reward(tiny_lm, tmp_path):
     synthetic_rollouts(tmp_path, tiny_lm, ("brevity", "positivity"), num_prompts=16)
-    out = recipe("train_policy").main(policy_args(
+    out = stage("policies").main(policy_args(
         tmp_path, tiny_lm, "--method", "grpo", "--objective", "brevity", "--use_lora", "false",
         "--learning_rate", "1e-2", "--max_steps", "30", "--max_prompts", "16", "--max_completion_length", "8",
         "--num_generations", "8", "--per_device_train_batch_size", "16", objectives=["brevity", "positivity"]))
@@ -111,7 +111,7 @@ def test_sft_on_a_teacher_dataset_then_merge(tiny_lm, tmp_path):
     teacher = tmp_path / "teach" / "t" / "dataset"
     Dataset.from_list([{"prompt": f"question {i}", "response": "Paris is the capital of France."}
                        for i in range(16)]).save_to_disk(str(teacher))
-    out = recipe("train_policy").main(policy_args(tmp_path, tiny_lm, "--method", "sft", "--sft_dataset", "t",
+    out = stage("policies").main(policy_args(tmp_path, tiny_lm, "--method", "sft", "--sft_dataset", "t",
                                                   "--learning_rate", "2e-2", "--max_steps", "20", "--merge", "true"))
     losses = json.loads((out / "DONE.json").read_text())["losses"]
     assert losses[-1] < losses[0] - 0.5  # it learns the teacher's answer
@@ -125,7 +125,7 @@ def test_a_policy_folder_is_a_model_with_or_without_its_merged_checkpoint(tiny_l
     from mocd_train.models import load_causal_lm
 
     synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=16)
-    out = recipe("train_policy").main(policy_args(tmp_path, tiny_lm, "--method", "dpo", "--objective", "readability",
+    out = stage("policies").main(policy_args(tmp_path, tiny_lm, "--method", "dpo", "--objective", "readability",
                                                   "--learning_rate", "5e-3", "--max_steps", "4", "--merge", "true"))
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
     logits = {}
@@ -187,12 +187,12 @@ def test_clear_errors(extra, match, tiny_lm, tmp_path):
     if "nope" in extra:
         synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=4)
     with pytest.raises(ConfigError, match=match):
-        recipe("train_policy").main(policy_args(tmp_path, tiny_lm, *extra))
+        stage("policies").main(policy_args(tmp_path, tiny_lm, *extra))
 
 
 def test_ppo_raises_a_learnable_reward(tiny_lm, tmp_path):
     synthetic_rollouts(tmp_path, tiny_lm, ("brevity", "positivity"), num_prompts=16)
-    out = recipe("train_policy").main(policy_args(
+    out = stage("policies").main(policy_args(
         tmp_path, tiny_lm, "--method", "ppo", "--objective", "brevity", "--use_lora", "false",
         "--learning_rate", "1e-2", "--max_steps", "24", "--max_prompts", "16", "--max_completion_length", "8",
         "--per_device_train_batch_size", "8", "--num_ppo_epochs", "2", "--beta", "0.01",
@@ -239,11 +239,11 @@ def test_text_reward_scores_what_trl_ppo_reads(tiny_lm):
 def test_map_f_trains_on_beta_lambda_r_with_raw_rewards(tiny_lm, tmp_path):
     """MAP-F: reward β·λᵀr on raw rewards, no per-group std scaling, so the KL-regularised optimum is p_λ."""
     synthetic_rollouts(tmp_path, tiny_lm, ("brevity", "positivity"), num_prompts=16)
-    recipe("solve_palette").main(["--run_dir", str(tmp_path), "--objectives", "[brevity, positivity]",
+    stage("palette").main(["--run_dir", str(tmp_path), "--objectives", "[brevity, positivity]",
                                   "--report_to", "none", "--name", "short", "--targets", "{brevity: '70%'}"])
     palette = json.loads((tmp_path / "palette" / "short.json").read_text())
     assert palette["feasible"] and palette["lam"][0] > 0
-    out = recipe("train_policy").main(policy_args(
+    out = stage("policies").main(policy_args(
         tmp_path, tiny_lm, "--method", "grpo", "--palette", "short", "--beta", "0.5", "--max_steps", "2",
         "--max_prompts", "8", "--max_completion_length", "8", "--per_device_train_batch_size", "8",
         objectives=["brevity", "positivity"]))
@@ -288,7 +288,7 @@ def test_killed_dpo_run_resumes_to_the_uninterrupted_result(tiny_lm, tmp_path, m
              "--save_steps", "4", "--per_device_train_batch_size", "4")
     for run in ("a", "b"):
         synthetic_rollouts(tmp_path / run, tiny_lm, tuple(OBJECTIVES), num_prompts=32)
-    train_policy = recipe("train_policy")
+    train_policy = stage("policies")
     whole = train_policy.main(policy_args(tmp_path / "a", tiny_lm, *extra))
 
     real = train_policy.dpo_trainer

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import subprocess
@@ -6,31 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import stage
 
 import mocd_train.data as data
 from mocd_train.config import ConfigError
 from mocd_train.data import load_rollouts
 
 ROOT = Path(__file__).parents[1]
-
-
-def recipe(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def killed_at(step):
-    """A trainer callback that interrupts training after `step`, as a crash or Ctrl-C would."""
-    from transformers import TrainerCallback
-
-    class Killed(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == step:
-                raise KeyboardInterrupt
-
-    return Killed()
 
 
 def args(tiny_lm, run_dir, *extra):
@@ -45,7 +26,7 @@ def rows(run_dir):
 
 
 def test_rollouts_dataset_and_stats(tiny_lm, tmp_path):
-    out = recipe("rollouts").main(args(tiny_lm, tmp_path))
+    out = stage("rollouts").main(args(tiny_lm, tmp_path))
     ds, norm = load_rollouts(tmp_path)
     assert len(ds) == 27 and len({(r["prompt_id"], r["sample"]) for r in ds}) == 27
     assert {"prompt", "response", "reward_non_toxicity", "reward_readability", "num_response_tokens",
@@ -59,7 +40,7 @@ def test_rollouts_dataset_and_stats(tiny_lm, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_lm, tmp_path, monkeypatch):
-    rollouts = recipe("rollouts")
+    rollouts = stage("rollouts")
     rollouts.main(args(tiny_lm, tmp_path / "whole"))
 
     real_write, calls = data.atomic_write_json, []
@@ -85,7 +66,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tiny_lm, tmp_path, 
 
 
 def test_complete_stage_is_skipped_and_changed_settings_are_refused(tiny_lm, tmp_path, capsys):
-    rollouts = recipe("rollouts")
+    rollouts = stage("rollouts")
     rollouts.main(args(tiny_lm, tmp_path))
     stamp = (tmp_path / "rollouts" / "DONE.json").stat().st_mtime_ns
     rollouts.main(args(tiny_lm, tmp_path))
@@ -97,7 +78,7 @@ def test_complete_stage_is_skipped_and_changed_settings_are_refused(tiny_lm, tmp
 
 def test_rollouts_with_a_local_hf_reward_model(tiny_lm, tiny_rm, tmp_path):
     objectives = f"[{{name: helpful, type: hf_reward_model, model: {tiny_rm}, head: 1}}, positivity]"
-    recipe("rollouts").main(args(tiny_lm, tmp_path, "--objectives", objectives, "--max_prompts", "2"))
+    stage("rollouts").main(args(tiny_lm, tmp_path, "--objectives", objectives, "--max_prompts", "2"))
     ds, norm = load_rollouts(tmp_path)
     assert norm.objectives == ["helpful", "positivity"] and len(ds) == 6
     assert len({r["reward_helpful"] for r in ds}) > 1
@@ -113,5 +94,5 @@ def test_two_process_accelerate_launch_matches_one_process(tiny_lm, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     shards = [json.loads(f.read_text()) for f in (tmp_path / "two" / "rollouts" / "shards").glob("chunk-*.json")]
     assert {(s["rank"], s["world_size"]) for s in shards} == {(0, 2), (1, 2)}  # two real ranks shared the work
-    recipe("rollouts").main(args(tiny_lm, tmp_path / "one"))
+    stage("rollouts").main(args(tiny_lm, tmp_path / "one"))
     assert rows(tmp_path / "two") == rows(tmp_path / "one")

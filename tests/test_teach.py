@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
+from conftest import stage
 from datasets import load_from_disk
-from test_rollouts import recipe
 
 import mocd_train.data as data
 from mocd_train.config import ConfigError
@@ -40,7 +40,7 @@ def rows(out):
 
 
 def test_rmod_teacher_dataset_and_resume_after_a_kill(run_dir, tiny_lm, monkeypatch, tmp_path_factory):
-    teach = recipe("teach")
+    teach = stage("teach")
     whole = teach.main(teach_args(run_dir, tiny_lm, "--decoder", "rmod", "--rmod_lambda", "5", "--name", "a"))
     ds = load_from_disk(str(whole / "dataset"))
     assert len(ds) == 6 and len(set(ds["prompt_id"])) == 6
@@ -70,7 +70,7 @@ def test_rmod_teacher_dataset_and_resume_after_a_kill(run_dir, tiny_lm, monkeypa
                                            ("cd_maximin", []), ("best_of_k", []), ("pi_ref", []),
                                            ("best_of_k", ["--score_with", "reward", "--name", "bok-reward"])])
 def test_every_block_decoder_writes_a_teacher_dataset(run_dir, tiny_lm, decoder, extra):
-    out = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", decoder, *extra))
+    out = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", decoder, *extra))
     ds = load_from_disk(str(out / "dataset"))
     assert len(ds) == 6 and set(ds["decoder"]) == {decoder}
     summary = json.loads((out / "DONE.json").read_text())
@@ -87,13 +87,13 @@ def test_value_model_for_other_objectives_is_refused(run_dir, tiny_lm):
                                    load_tokenizer(tiny_lm), None)
     model.save(run_dir / "other_value", tok)
     with pytest.raises(ConfigError, match="helpfulness"):
-        recipe("teach").main(teach_args(run_dir, tiny_lm, "--value_model", str(run_dir / "other_value")))
+        stage("teach").main(teach_args(run_dir, tiny_lm, "--value_model", str(run_dir / "other_value")))
 
 
 def test_map_d_teacher_from_a_solved_palette(run_dir, tiny_lm):
-    recipe("solve_palette").main(["--run_dir", str(run_dir), "--objectives", f"[{', '.join(OBJECTIVES)}]",
+    stage("palette").main(["--run_dir", str(run_dir), "--objectives", f"[{', '.join(OBJECTIVES)}]",
                                   "--report_to", "none", "--name", "p", "--targets", "{readability: '60%'}"])
-    out = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "map_d", "--palette", "p"))
+    out = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "map_d", "--palette", "p"))
     ds = load_from_disk(str(out / "dataset"))
     assert len(ds) == 6 and len(json.loads(ds[0]["trace"])[0]["candidate_rewards"]) == 3
 
@@ -115,7 +115,7 @@ def test_two_process_launch_decodes_every_prompt_once_as_one_process_does(run_di
     assert result.returncode == 0, result.stderr[-3000:]
     shards = [json.loads(f.read_text()) for f in (run_dir / "teach" / "two" / "shards").glob("chunk-*.json")]
     assert {(s["rank"], s["world_size"]) for s in shards} == {(0, 2), (1, 2)}
-    one = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "rmod", "--name", "one"))
+    one = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "rmod", "--name", "one"))
     assert rows(run_dir / "teach" / "two") == rows(one)
 
 
@@ -127,11 +127,11 @@ def test_mod_and_soup_teachers_on_lora_policies(run_dir, tiny_lm):
     for i, name in enumerate(["a", "b"]):
         random_adapter(tiny_lm, run_dir / "policies" / name / "adapter", seed=i)
     common = ("--policies", "[a, b]", "--greedy", "true")
-    mod = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "mod", "--name", "mod-a", "--weights",
+    mod = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "mod", "--name", "mod-a", "--weights",
                                           "[1.0, 0.0]", *common))
-    soup = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "soup", "--name", "soup-a", "--weights",
+    soup = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "soup", "--name", "soup-a", "--weights",
                                            "[1.0, 0.0]", *common))
-    mixed = recipe("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "mod", "--name", "mod-js", "--weights",
+    mixed = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "mod", "--name", "mod-js", "--weights",
                                             "[0.5, 0.5]", "--divergence", "js", *common))
     by = {k: {r["prompt_id"]: r["response_ids"] for r in load_from_disk(str(o / "dataset"))}
           for k, o in [("mod", mod), ("soup", soup), ("mixed", mixed)]}
@@ -147,4 +147,4 @@ def test_mod_and_soup_teachers_on_lora_policies(run_dir, tiny_lm):
 ])
 def test_mod_config_errors(run_dir, tiny_lm, extra, match):
     with pytest.raises(ConfigError, match=match):
-        recipe("teach").main(teach_args(run_dir, tiny_lm, *extra))
+        stage("teach").main(teach_args(run_dir, tiny_lm, *extra))

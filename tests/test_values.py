@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from test_rollouts import killed_at, recipe
+from conftest import killed_at, stage
 
 from mocd_train.config import ConfigError
 from mocd_train.rewards import Normalizer
@@ -98,7 +98,7 @@ def train_args(run_dir, lm, *extra):
 
 def test_learns_a_synthetic_token_objective(tiny_lm, tmp_path):
     synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=192)
-    out = recipe("train_value").main(train_args(tmp_path, tiny_lm, "--num_train_epochs", "15"))
+    out = stage("value").main(train_args(tmp_path, tiny_lm, "--num_train_epochs", "15"))
     metrics = json.loads((out / "metrics.json").read_text())
     for g in OBJECTIVES:
         assert metrics[g]["100%"]["spearman"] >= 0.9, metrics[g]
@@ -116,7 +116,7 @@ def test_resumed_training_equals_uninterrupted(tiny_lm, tmp_path, monkeypatch):
     synthetic_rollouts(tmp_path / "a", tiny_lm, tuple(OBJECTIVES), num_prompts=32)
     synthetic_rollouts(tmp_path / "b", tiny_lm, tuple(OBJECTIVES), num_prompts=32)
     extra = ("--num_train_epochs", "3", "--save_steps", "5")
-    train_value = recipe("train_value")
+    train_value = stage("value")
     whole = train_value.main(train_args(tmp_path / "a", tiny_lm, *extra))
 
     real = values.value_trainer_class
@@ -150,7 +150,7 @@ def test_objectives_must_match_the_rollouts(tiny_lm, tmp_path):
     args[args.index("--objectives") + 1] = "[positivity, readability]"
     expected = r"objectives \['readability', 'positivity'\].*\['positivity', 'readability'\]"
     with pytest.raises(ConfigError, match=expected):
-        recipe("train_value").main(args)
+        stage("value").main(args)
 
 
 def test_value_examples_mask_only_the_response(tiny_lm, tmp_path):
@@ -258,7 +258,7 @@ def test_prompt_group_sampler_keeps_prompts_whole_and_reshuffles():
 
 def test_pairwise_term_and_validation_selection_train_end_to_end(tiny_lm, tmp_path):
     synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=48)
-    out = recipe("train_value").main(train_args(
+    out = stage("value").main(train_args(
         tmp_path, tiny_lm, "--num_train_epochs", "4", "--pairwise_weight", "1.0", "--per_device_train_batch_size",
         "8", "--validation_fraction", "0.25", "--save_steps", "5", "--pair_margin", "0.1"))
     done = json.loads((out / "DONE.json").read_text())
@@ -270,5 +270,5 @@ def test_pairwise_term_and_validation_selection_train_end_to_end(tiny_lm, tmp_pa
         assert pa["pairs"] > 0 and 0 <= pa["accuracy"] <= 1
     synthetic_rollouts(tmp_path / "x", tiny_lm, tuple(OBJECTIVES), num_prompts=8)
     with pytest.raises(ConfigError, match="not a multiple"):
-        recipe("train_value").main(train_args(tmp_path / "x", tiny_lm, "--pairwise_weight", "1.0",
+        stage("value").main(train_args(tmp_path / "x", tiny_lm, "--pairwise_weight", "1.0",
                                               "--per_device_train_batch_size", "6"))

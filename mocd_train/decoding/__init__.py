@@ -1,1 +1,2 @@
-"""Decoding-time teachers: MAP-D now; the block engine (RMOD, CD, Best-of-K) and MOD join here."""
+"""Decoding-time teachers on one engine: RMOD, the CD baselines, Best-of-K and π_ref (engine, decoders), the worst-case
+weights (weights), MOD (mod) and MAP-D (map_d)."""
