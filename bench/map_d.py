@@ -25,7 +25,6 @@ from mocd_train.decoding.map_d import MapD  # noqa: E402
 from mocd_train.models import load_causal_lm, resolve_device  # noqa: E402
 from mocd_train.palette import load_palette  # noqa: E402
 from mocd_train.rewards import RewardSet  # noqa: E402
-from mocd_train.rundir import stage_dir  # noqa: E402
 
 
 def main() -> None:
@@ -40,9 +39,7 @@ def main() -> None:
 
     ro = rollouts_config(args.run_dir)
     names = [o if isinstance(o, str) else o["name"] for o in ro["objectives"]]
-    path = (Path(args.palette) if args.palette.endswith(".json")
-            else stage_dir(args.run_dir, "palette") / f"{args.palette}.json")
-    palette = load_palette(path, names)
+    palette = load_palette(args.palette, names, args.run_dir)
     prompts = load_prompts(ro["prompt_sources"], "heldout", ro["heldout_fraction"], args.prompts, ro["prompts_file"])
     device = resolve_device("auto", "cuda" if torch.cuda.is_available() else "cpu")
     policy, tokenizer = load_causal_lm(ro["model"], device, "auto", ro.get("cache_dir"))
@@ -60,7 +57,7 @@ def main() -> None:
     weights = torch.tensor([o.trace[0]["selection_weights"] for o in out], dtype=torch.float64)  # [N, k]
     expected = (weights[..., None] * cands).sum(1)  # E over the resampling draw: same mean, lower variance
     n = len(out)
-    result = {"palette": str(path), "lam": palette["lam"], "prompts": n, "k": args.k, "objectives": {}}
+    result = {"palette": palette["path"], "lam": palette["lam"], "prompts": n, "k": args.k, "objectives": {}}
     for i, name in enumerate(names):
         ref = cands[:, 0, i]  # one plain π_ref sample per prompt
         se = float(chosen[:, i].std() / math.sqrt(n))

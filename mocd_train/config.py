@@ -166,12 +166,13 @@ class ValueConfig(CommonConfig):
 class PaletteConfig(CommonConfig):
     """MAP value palette → λ for the fixed reward λᵀr, or a proof it is unreachable (stage `palette`, §6)."""
 
-    name: str = field(default="default", metadata=_help("Output: <run_dir>/palette/<name>.json."))
+    name: str = field(default="default", metadata=_help("Output: <run_dir>/palette/<name>/palette.json."))
     targets: dict = field(
         default_factory=dict,
         metadata=_help("Target level per objective: a number (raw reward units), a quantile of π_ref's rewards "
                        "('80%'), 'keep' (π_ref's mean) or {classifier: κ} (c0 + log(1 + κ)). Unnamed ones: keep."),
     )
+    overwrite: bool = field(default=False, metadata=_help("Solve again even if palette/<name> is complete."))
     auto_adjust: Literal["none", "interpolate", "greedy"] = field(
         default="none",
         metadata=_help("For an infeasible palette: 'interpolate' (largest feasible step from π_ref towards it) or "

@@ -422,12 +422,16 @@ def _level(name: str, value, columns: list[np.ndarray], c0: float) -> float:
                        "or {classifier: κ}.")
 
 
+PALETTE_FILE = "palette.json"  # inside the stage folder <run_dir>/palette/<name>/
+
+
 def load_palette(palette: str | Path, objectives: list[str], run_dir: str | Path | None = None) -> dict:
-    """A solved palette — a .json path, or a name under <run_dir>/palette — refusing infeasible ones and ones for other
-    objectives; `path` in the record says which file it was."""
+    """A solved palette — a name under <run_dir>/palette, a palette folder or a .json file — refusing infeasible ones
+    and ones for other objectives; `path` in the record says which file it was."""
     path = Path(palette)
-    if path.suffix != ".json" and run_dir is not None:
-        path = Path(run_dir) / "palette" / f"{palette}.json"
+    if path.suffix != ".json":
+        folder = path if path.is_dir() or run_dir is None else Path(run_dir) / "palette" / str(palette)
+        path = folder / PALETTE_FILE
     if not path.is_file():
         raise PaletteError(f"palette: {str(path)!r} does not exist. Solve one with recipes/solve_palette.py first.")
     record = json.loads(path.read_text())

@@ -30,10 +30,10 @@ def test_solve_palette_recipe_feasible_infeasible_and_adjusted(tiny_lm, tmp_path
         solve(tmp_path, "--name", "p99", "--targets", "{readability: '99%', positivity: '99%'}")
     assert exit_.value.code == 1
     assert "Suggested (interpolate" in capsys.readouterr().err
-    rec = json.loads((tmp_path / "palette" / "p99.json").read_text())
+    rec = json.loads((tmp_path / "palette" / "p99" / "palette.json").read_text())
     assert not rec["feasible"] and rec["suggested"]["palette"]
     with pytest.raises(ConfigError, match="infeasible"):
-        load_palette(tmp_path / "palette" / "p99.json", OBJECTIVES)
+        load_palette(tmp_path / "palette" / "p99" / "palette.json", OBJECTIVES)
     path = solve(tmp_path, "--name", "p99a", "--targets", "{readability: '99%', positivity: '99%'}",
                  "--auto_adjust", "interpolate")
     rec = json.loads(path.read_text())

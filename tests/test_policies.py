@@ -241,7 +241,7 @@ def test_map_f_trains_on_beta_lambda_r_with_raw_rewards(tiny_lm, tmp_path):
     synthetic_rollouts(tmp_path, tiny_lm, ("brevity", "positivity"), num_prompts=16)
     stage("palette").main(["--run_dir", str(tmp_path), "--objectives", "[brevity, positivity]",
                                   "--report_to", "none", "--name", "short", "--targets", "{brevity: '70%'}"])
-    palette = json.loads((tmp_path / "palette" / "short.json").read_text())
+    palette = json.loads((tmp_path / "palette" / "short" / "palette.json").read_text())
     assert palette["feasible"] and palette["lam"][0] > 0
     out = stage("policies").main(policy_args(
         tmp_path, tiny_lm, "--method", "grpo", "--palette", "short", "--beta", "0.5", "--max_steps", "2",

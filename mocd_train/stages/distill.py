@@ -14,7 +14,6 @@ import shutil
 import time
 
 from mocd_train.cli import run_stage
-from mocd_train.config import load_config
 from mocd_train.data import rollouts_config
 from mocd_train.distill import (
     export_student,
@@ -25,21 +24,19 @@ from mocd_train.distill import (
     split_heldout,
     token_kl_trainer,
 )
-from mocd_train.models import load_causal_lm, process_state, resolve_device
+from mocd_train.models import load_causal_lm, resolve_device
 from mocd_train.policies import completion_examples, sft_trainer
 from mocd_train.rewards import Normalizer, parse_objectives
-from mocd_train.rundir import is_complete, mark_complete, prepare_stage, stage_dir
+from mocd_train.rundir import stage_dir
+from mocd_train.stage import Stage
 
 
 def main(argv=None):
     # parse
-    cfg = load_config("distill", argv)
+    cfg, stage = Stage.open("distill", argv, lambda c: f"distill/{c.name or '-'.join(c.teachers)}")
     names = [s.name for s in parse_objectives(cfg.objectives)]
-    name = cfg.name or "-".join(cfg.teachers)
-    state = process_state(cfg.device)
-    out = prepare_stage(cfg, f"distill/{name}", cfg.overwrite, state.is_main_process)
-    state.wait_for_everyone()
-    if is_complete(out):
+    name, state, out = cfg.name or "-".join(cfg.teachers), stage.state, stage.dir
+    if stage.complete:
         print(f"student {name} already complete: {out}")
         return out
 
@@ -61,16 +58,14 @@ def main(argv=None):
     before = response_logprob(student, held_examples, pad_id) if held_examples else None
 
     # train
-    from transformers.trainer_utils import get_last_checkpoint
-
     if cfg.loss == "sft":
         trainer = sft_trainer(cfg, student, tokenizer, train_examples, out, "distill")
     else:  # token-level KL to MOD's combined distribution; its policies sit on a second copy of π_ref
         reference, _ = load_causal_lm(cfg.model, device, cfg.dtype, cfg.cache_dir)
         teacher = mod_teacher(cfg.run_dir, next(iter(cfg.teachers)), tokenizer, reference)
         trainer = token_kl_trainer(cfg, student, tokenizer, train_examples, teacher, out)
-    ckpt = out / "checkpoints"
-    last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    stage.start()
+    last = stage.last_checkpoint()
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - t0
@@ -96,11 +91,11 @@ def main(argv=None):
                    "train_rows": len(train), "heldout_rows": len(held), "heldout_logprob_before": before,
                    "heldout_logprob_after": after, "train_seconds": seconds, "steps": trainer.state.global_step,
                    "resumed_from": last, "losses": [h["loss"] for h in logs]}
-        mark_complete(out, summary)
-        shutil.rmtree(ckpt, ignore_errors=True)
+    stage.finish(summary if state.is_main_process else {})
+    if state.is_main_process:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
         print(f"student {name}: {len(train)} rows, {trainer.state.global_step} steps in {seconds:.0f} s; "
               + "; ".join(f"{k} {v}" for k, v in metrics.items()) + f" → {path}")
-    state.wait_for_everyone()
     return out
 
 

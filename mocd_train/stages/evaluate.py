@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mocd_train.atomic import atomic_dir
 from mocd_train.cli import run_stage
-from mocd_train.config import ConfigError, load_config
+from mocd_train.config import ConfigError
 from mocd_train.evaluation import compare
 from mocd_train.report import (
     claim_lines,
@@ -25,7 +25,8 @@ from mocd_train.report import (
     write_html,
 )
 from mocd_train.rewards import Normalizer, parse_objectives
-from mocd_train.rundir import mark_complete, prepare_stage, stage_dir
+from mocd_train.rundir import stage_dir
+from mocd_train.stage import Stage
 
 
 def load_method(run_dir, name):
@@ -40,7 +41,7 @@ def load_method(run_dir, name):
 
 def main(argv=None):
     # parse
-    cfg = load_config("evaluate", argv)
+    cfg, stage = Stage.open("evaluate", argv, lambda c: c.name, processes=False)
     names = [s.name for s in parse_objectives(cfg.objectives)]
 
     # load (and check everything before the old report is replaced)
@@ -58,7 +59,7 @@ def main(argv=None):
     unknown = [m for ms in (cfg.fronts or {}).values() for m in ms if m not in tables]
     if unknown:
         raise ConfigError(f"fronts: {unknown} are not among the methods {list(tables)}; add them to `methods`.")
-    out = prepare_stage(cfg, cfg.name, cfg.overwrite)
+    out = stage.start()
     comparison = compare(tables, cfg.reference, names, normalizer, cfg.baselines, cfg.fronts)
     rows = table_rows(comparison)
     plots = [plot_methods(comparison, out / "methods.png"), plot_pareto(comparison, out / "pareto.png"),
@@ -75,8 +76,8 @@ def main(argv=None):
     wandb_dirs = log_wandb(cfg, comparison, tables, plots) if cfg.report_to == "wandb" else []
     if cfg.export_dir:
         export(out, Path(cfg.export_dir), cfg)
-    mark_complete(out, {"report": str(out / "report.html"), "methods": list(tables), "wandb": wandb_dirs,
-                        "pareto_front": comparison["pareto_front"], "exported": cfg.export_dir})
+    stage.finish({"report": str(out / "report.html"), "methods": list(tables), "wandb": wandb_dirs,
+                  "pareto_front": comparison["pareto_front"], "exported": cfg.export_dir})
     print((out / "table.md").read_text())
     print((out / "claims.md").read_text())
     print(f"report → {out / 'report.html'}")

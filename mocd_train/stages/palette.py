@@ -4,8 +4,9 @@ LP proof that no λ can (and the nearest palette that can).
     python recipes/solve_palette.py --config recipes/smollm2-mini-hh/pipeline.yaml \\
         --name hh-65 --targets '{helpfulness: "65%", harmlessness: "65%"}' [--auto_adjust interpolate]
 
-Writes <run_dir>/palette/<name>.json (read by MAP-D and by train_policy.py --palette). Exits 1 when the palette is
-infeasible and auto_adjust is 'none', after printing the palette that interpolation suggests.
+Writes <run_dir>/palette/<name>/palette.json (read by MAP-D and by train_policy.py --palette) and, when feasible,
+DONE.json. Exits 1 when the palette is infeasible and auto_adjust is 'none', after printing the palette that
+interpolation suggests.
 """
 
 import sys
@@ -13,9 +14,9 @@ import sys
 import numpy as np
 
 from mocd_train.cli import run_stage
-from mocd_train.config import load_config
 from mocd_train.data import load_rollouts
 from mocd_train.palette import (
+    PALETTE_FILE,
     greedy_palette,
     interpolate_palette,
     resolve_palette,
@@ -24,13 +25,17 @@ from mocd_train.palette import (
 )
 from mocd_train.rewards import parse_objectives
 from mocd_train.rundir import atomic_write_json, stage_dir
+from mocd_train.stage import Stage
 from mocd_train.values import check_objectives
 
 
 def main(argv=None):
     # parse
-    cfg = load_config("palette", argv)
+    cfg, stage = Stage.open("palette", argv, lambda c: f"palette/{c.name}", processes=False)
     names = [s.name for s in parse_objectives(cfg.objectives)]
+    if stage.complete:
+        print(f"palette {cfg.name} already solved: {stage.dir / PALETTE_FILE}")
+        return stage.dir / PALETTE_FILE
 
     # load: π_ref's rewards on the rollouts (the pilot set), raw units
     rollouts, normalizer = load_rollouts(cfg.run_dir)
@@ -40,6 +45,7 @@ def main(argv=None):
     groups = np.array(rollouts["prompt_id"]) if cfg.grouping == "prompt" else None
 
     # solve (and adjust when asked)
+    stage.start()
     target = resolve_palette(cfg.targets, names, rewards, groups)
     sol = solve_palette(rewards, target, groups, method=cfg.method, tol=cfg.tol)
     adjusted = None
@@ -61,11 +67,13 @@ def main(argv=None):
               "normalization": normalizer.__dict__, "adjusted": adjusted if cfg.auto_adjust != "none" else None,
               "suggested": None if sol.feasible else {**adjusted, "palette": new.tolist()},
               "sensitivity": sensitivity(rewards, sol.lam, groups).tolist() if sol.feasible else None}
-    path = stage_dir(cfg.run_dir, "palette") / f"{cfg.name}.json"
+    path = stage.dir / PALETTE_FILE
     atomic_write_json(path, record)
     print(table(names, sol, record))
     print(f"  → {path}")
-    if not sol.feasible:
+    if sol.feasible:
+        stage.finish({"palette": str(path), "feasible": True, "lam": record["lam"]})
+    else:  # not complete: an infeasible palette is not something later stages may use
         print(f"infeasible: LP margin {sol.margin:+.4f} ≤ 0. Suggested ({adjusted['method']}, ρ = "
               f"{adjusted.get('rho', float('nan')):.3f}): "
               + ", ".join(f"{g}: {v:.4g}" for g, v in zip(names, new))

@@ -4,7 +4,7 @@ LoRA by default.
 
     python recipes/train_policy.py --config recipes/smollm2-mini-hh/policies/helpfulness-dpo.yaml
     python recipes/train_policy.py --config ... --method dpo --divergence js --objective harmlessness
-    python recipes/train_policy.py --config ... --method grpo --palette runs/smollm2-mini-hh/palette/hh-65.json
+    python recipes/train_policy.py --config ... --method grpo --palette hh-65
     accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml recipes/train_policy.py --config ...
 
 Writes <run_dir>/policies/<name>/adapter (+ merged/ with --merge true); resumes from its last checkpoint (PPO: TRL's
@@ -19,9 +19,8 @@ from datasets import load_from_disk
 
 from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
-from mocd_train.config import load_config
 from mocd_train.data import load_rollouts, rollouts_config
-from mocd_train.models import load_causal_lm, process_state, resolve_device
+from mocd_train.models import load_causal_lm, resolve_device
 from mocd_train.palette import load_palette
 from mocd_train.policies import (
     completion_examples,
@@ -35,7 +34,8 @@ from mocd_train.policies import (
     sft_trainer,
 )
 from mocd_train.rewards import RewardSet, parse_objectives
-from mocd_train.rundir import is_complete, mark_complete, prepare_stage, teacher_dataset
+from mocd_train.rundir import teacher_dataset
+from mocd_train.stage import Stage
 from mocd_train.values import check_objectives
 
 
@@ -52,13 +52,10 @@ def default_name(cfg) -> str:
 
 def main(argv=None):
     # parse
-    cfg = load_config("policies", argv)
+    cfg, stage = Stage.open("policies", argv, lambda c: f"policies/{c.name or default_name(c)}")
     names = [s.name for s in parse_objectives(cfg.objectives)]
-    name = cfg.name or default_name(cfg)
-    state = process_state(cfg.device)
-    out = prepare_stage(cfg, f"policies/{name}", cfg.overwrite, state.is_main_process)
-    state.wait_for_everyone()
-    if is_complete(out):
+    name, state, out = cfg.name or default_name(cfg), stage.state, stage.dir
+    if stage.complete:
         print(f"policy {name} already complete: {out}")
         return out
 
@@ -98,10 +95,8 @@ def main(argv=None):
                                   ro.get("system_prompt"), state.num_processes)
 
     # train: from the last checkpoint if there is one
-    from transformers.trainer_utils import get_last_checkpoint
-
-    ckpt = out / "checkpoints"
-    last = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+    stage.start()
+    last = stage.last_checkpoint()
     t0 = time.perf_counter()
     if cfg.method == "ppo":
         trainer.train()
@@ -120,10 +115,10 @@ def main(argv=None):
                    "losses": [h["loss"] for h in logs if "loss" in h],
                    "rewards": [h.get("reward", h.get("objective/scores")) for h in logs
                                if "reward" in h or "objective/scores" in h], "last_logs": logs[-3:]}
-        mark_complete(out, summary)
-        shutil.rmtree(ckpt, ignore_errors=True)
+    stage.finish(summary if state.is_main_process else {})
+    if state.is_main_process:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
         print(f"policy {name}: {trainer.state.global_step} steps in {summary['train_seconds']:.0f} s → {out}")
-    state.wait_for_everyone()
     return out
 
 

@@ -8,21 +8,18 @@ Resumable: a killed run continues from its last finished chunk; a complete one i
 
 from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
-from mocd_train.config import load_config
 from mocd_train.data import merge_rollouts, write_rollout_shards
-from mocd_train.models import load_causal_lm, process_state, resolve_device
+from mocd_train.models import load_causal_lm, resolve_device
 from mocd_train.rewards import RewardSet, parse_objectives
-from mocd_train.rundir import is_complete, mark_complete, prepare_stage
+from mocd_train.stage import Stage
 from mocd_train.tracking import start_run
 
 
 def main(argv=None):
     # parse
-    cfg = load_config("rollouts", argv)
-    state = process_state(cfg.device)
-    out = prepare_stage(cfg, "rollouts", cfg.overwrite, state.is_main_process)
-    state.wait_for_everyone()
-    if is_complete(out):
+    cfg, stage = Stage.open("rollouts", argv, "rollouts")
+    state, out = stage.state, stage.dir
+    if stage.complete:
         print(f"rollouts already complete: {out}")
         return out
 
@@ -31,6 +28,7 @@ def main(argv=None):
     device = resolve_device(cfg.device, state.device)
     policy, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype, cfg.cache_dir)
     rewards = RewardSet.from_config(cfg.objectives, device, cfg.cache_dir, cfg.score_batch_size)
+    stage.start()
 
     # run: each process generates and scores its share of chunks
     write_rollout_shards(prompts, policy, tokenizer, rewards, out / "shards", seed=cfg.seed,
@@ -43,7 +41,10 @@ def main(argv=None):
     if state.is_main_process:
         names = [s.name for s in parse_objectives(cfg.objectives)]
         summary = merge_rollouts(prompts, out / "shards", out, names, cfg.chunk_size, cfg.normalization)
-        mark_complete(out, summary)
+    else:
+        summary = {}
+    stage.finish(summary)
+    if state.is_main_process:
         run = start_run(cfg, "rollouts")
         if run is not None:
             run.summary.update({k: v for k, v in summary.items() if not isinstance(v, (str, list))})
@@ -51,7 +52,6 @@ def main(argv=None):
         print(f"rollouts: {summary['rows']} responses for {summary['prompts']} prompts, "
               f"{summary['tokens_per_second']:.0f} tokens/s")
         print(f"  dataset        {summary['dataset']}\n  normalisation  {summary['normalization']}")
-    state.wait_for_everyone()
     return out
 
 

@@ -16,25 +16,22 @@ import torch
 
 from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
-from mocd_train.config import load_config
 from mocd_train.data import chunk_seed, read_chunks, rollouts_config, run_chunks, save_dataset
 from mocd_train.decoding.decoders import make_decoder
 from mocd_train.errors import ConfigError
-from mocd_train.models import load_causal_lm, process_state, resolve_device
+from mocd_train.models import load_causal_lm, resolve_device
 from mocd_train.rewards import Normalizer, RewardSet, parse_objectives
-from mocd_train.rundir import is_complete, mark_complete, prepare_stage, stage_dir
+from mocd_train.rundir import stage_dir
+from mocd_train.stage import Stage
 from mocd_train.tracking import start_run
 from mocd_train.values import check_objectives
 
 
 def main(argv=None):
     # parse
-    cfg = load_config("teach", argv)
-    name = cfg.name or cfg.decoder
-    state = process_state(cfg.device)
-    out = prepare_stage(cfg, f"teach/{name}", cfg.overwrite, state.is_main_process)
-    state.wait_for_everyone()
-    if is_complete(out):
+    cfg, stage = Stage.open("teach", argv, lambda c: f"teach/{c.name or c.decoder}")
+    name, state, out = cfg.name or cfg.decoder, stage.state, stage.dir
+    if stage.complete:
         print(f"teacher {name} already complete: {out}")
         return out
 
@@ -55,6 +52,7 @@ def main(argv=None):
 
     # build
     decoder = make_decoder(cfg, policy, tokenizer, rewards, names)
+    stage.start()
 
     # run: each process decodes its share of chunks
     def work(c, chunk):
@@ -96,7 +94,8 @@ def main(argv=None):
                    "response_tokens": sum(s["new_tokens"] for s in shards), "decode_seconds": seconds,
                    "response_tokens_per_second": sum(s["new_tokens"] for s in shards) / max(seconds, 1e-9),
                    "dataset": str(out / "dataset")}
-        mark_complete(out, summary)
+    stage.finish(summary if state.is_main_process else {})
+    if state.is_main_process:
         run = start_run(cfg, f"teach-{name}")
         if run is not None:
             run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -104,7 +103,6 @@ def main(argv=None):
         print(f"teacher {name}: {len(rows)} prompts, mean normalised reward "
               + ", ".join(f"{g} {v:+.3f}" for g, v in summary["mean_normalized_reward"].items())
               + f", mean worst case {summary['mean_worst_case']:+.3f} → {out / 'dataset'}")
-    state.wait_for_everyone()
     return out
 
 

@@ -16,16 +16,14 @@ from pathlib import Path
 
 from mocd_train.assets import resolve_model
 from mocd_train.cli import run_stage
-from mocd_train.config import ConfigError, load_config
+from mocd_train.config import ConfigError
 from mocd_train.data import load_rollouts, rollouts_config
-from mocd_train.models import load_tokenizer, process_state
+from mocd_train.models import load_tokenizer
 from mocd_train.rewards import parse_objectives
 from mocd_train.rundir import (
     atomic_write_json,
-    is_complete,
-    mark_complete,
-    prepare_stage,
 )
+from mocd_train.stage import Stage
 from mocd_train.tracking import trainer_report_to
 from mocd_train.values import (
     BackboneSpec,
@@ -41,11 +39,9 @@ from mocd_train.values import (
 
 def main(argv=None):
     # parse
-    cfg = load_config("value", argv)
-    state = process_state(cfg.device)
-    out = prepare_stage(cfg, cfg.name, cfg.overwrite, state.is_main_process)
-    state.wait_for_everyone()
-    if is_complete(out):
+    cfg, stage = Stage.open("value", argv, lambda c: c.name)
+    state, out = stage.state, stage.dir
+    if stage.complete:
         print(f"value model already complete: {out}")
         return out
 
@@ -86,10 +82,8 @@ def main(argv=None):
         objectives=names)
 
     # train: from the last checkpoint if there is one
-    from transformers.trainer_utils import get_last_checkpoint
-
-    ckpt_dir = out / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    stage.start()
+    last = stage.last_checkpoint()
     result = trainer.train(resume_from_checkpoint=last)
 
     # evaluate on held-out prompts, save, log
@@ -100,7 +94,8 @@ def main(argv=None):
                                 pair_margin=cfg.pair_margin)
         model.save(out / "model", tokenizer)
         atomic_write_json(out / "metrics.json", metrics)
-        trainer.log({f"heldout/{g}/{f}/{k}": v for g in names for f, m in metrics[g].items() for k, v in m.items()})
+        trainer.log({f"heldout/{g}/{f}/{k}": v["accuracy"] if isinstance(v, dict) else v
+                     for g in names for f, m in metrics[g].items() for k, v in m.items()})
         tokens = sum(ex["length"] for ex in train) * cfg.num_train_epochs
         summary = {"model": str(out / "model"), "metrics": str(out / "metrics.json"), "train_sequences": len(train),
                    "train_prompts": len({ex["prompt_id"] for ex in train}), "validation_sequences": len(validation),
@@ -114,7 +109,8 @@ def main(argv=None):
                    "train_tokens_per_second": tokens / max(result.metrics["train_runtime"], 1e-9),
                    "resumed_from": last, "processes": state.num_processes,
                    "deepspeed": bool(trainer.is_deepspeed_enabled)}
-        mark_complete(out, summary)
+    stage.finish(summary if state.is_main_process else {})
+    if state.is_main_process:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # resume points only; the model is saved
         print(f"value model: {len(train)} training / {len(heldout)} held-out sequences, "
               f"{summary['train_tokens_per_second']:.0f} tokens/s → {out / 'model'}")
@@ -123,7 +119,6 @@ def main(argv=None):
                             f"pairs={m['within_prompt_pair_accuracy']['accuracy']:.2f}"
                             f"±{m['within_prompt_pair_accuracy']['se']:.2f}" for f, m in metrics[g].items())
             print(f"  {g:<14} {row}")
-    state.wait_for_everyone()
     return out
 
 
