@@ -6,14 +6,10 @@ Partial files are always written under a temporary name and renamed, so a kill n
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mocd_train.atomic import atomic_dir, atomic_write_json, atomic_write_text  # noqa: F401  (re-exported)
-from mocd_train.config import config_diff, to_dict
 from mocd_train.errors import ConfigError
 
 DONE = "DONE.json"
@@ -39,29 +35,3 @@ def is_complete(directory: str | Path) -> bool:
 
 def mark_complete(directory: str | Path, summary: dict[str, Any]) -> None:
     atomic_write_json(Path(directory) / DONE, summary)
-
-
-def prepare_stage(cfg: Any, stage: str, overwrite: bool = False, is_main: bool = True) -> Path:
-    """Create (or reuse) the stage folder and save the resolved config in it.
-
-    Reusing a folder made with different output-relevant settings would mix incompatible results, so it is refused
-    with the differing keys named.
-    """
-    directory = stage_dir(cfg.run_dir, stage)
-    saved_path = directory / "config.yaml"
-    current = to_dict(cfg)
-    if is_main:
-        if overwrite and directory.exists():
-            shutil.rmtree(directory)
-        if saved_path.is_file():
-            saved = yaml.safe_load(saved_path.read_text()) or {}
-            diff = config_diff(saved, current)
-            if diff:
-                detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
-                raise ConfigError(
-                    f"{directory} holds {stage} made with other settings ({detail}). Use another run_dir, "
-                    "restore those settings, or pass --overwrite true to start this stage over."
-                )
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved_path, yaml.safe_dump(current, sort_keys=False))
-    return directory

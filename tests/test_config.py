@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from mocd_train.cli import main as mocd
-from mocd_train.config import ConfigError, RolloutsConfig, load_config
-from mocd_train.rundir import prepare_stage
+from mocd_train.config import STAGES, ConfigError, RolloutsConfig, load_config
+from mocd_train.stage import Stage
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -67,20 +67,26 @@ def test_missing_recipe_and_bad_yaml(tmp_path):
         load_config("rollouts", ["--config", str(bad)])
 
 
-def test_every_field_has_help():
-    for f in dataclasses.fields(RolloutsConfig):
-        assert f.metadata.get("help"), f.name
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_field_has_help(stage):
+    for f in dataclasses.fields(STAGES[stage]):
+        assert f.metadata.get("help"), f"{stage}.{f.name}"
 
 
 def test_resolved_config_saved_and_resume_checks_it(tmp_path):
     cfg = load_config("rollouts", ["--run_dir", str(tmp_path), "--objectives", "[positivity]"])
-    out = prepare_stage(cfg, "rollouts")
+    stage = Stage(cfg, "rollouts")
+    assert not (tmp_path / "rollouts").exists()  # nothing is written before start()
+    out = stage.start()
     assert yaml.safe_load((out / "config.yaml").read_text())["objectives"] == ["positivity"]
-    same_output = dataclasses.replace(cfg, report_to="none", score_batch_size=3)
-    prepare_stage(same_output, "rollouts")  # settings that do not change outputs may differ
+    Stage(dataclasses.replace(cfg, report_to="none", score_batch_size=3), "rollouts")  # output-neutral keys differ
     with pytest.raises(ConfigError, match="temperature: 1.0 -> 0.5.*--overwrite"):
-        prepare_stage(dataclasses.replace(cfg, temperature=0.5), "rollouts")
-    prepare_stage(dataclasses.replace(cfg, temperature=0.5), "rollouts", overwrite=True)
+        Stage(dataclasses.replace(cfg, temperature=0.5), "rollouts")
+    (out / "keep.txt").write_text("old")
+    redo = Stage(dataclasses.replace(cfg, temperature=0.5, overwrite=True), "rollouts")
+    assert (out / "keep.txt").exists()  # overwrite removes the old output only when the new run starts
+    redo.start()
+    assert not (out / "keep.txt").exists()
 
 
 def test_all_shipped_recipes_validate(capsys):
