@@ -105,7 +105,7 @@ def test_cli_error_exit(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--rmod_lambda", "nan"], "rmod_lambda: must be a finite number"),
-    (["--decoder", "cd_fixed", "--weights", "[0.5, .nan]"], r"weights\[1\]: must be a finite number"),
+    (["--decoder", "cd_fixed", "--cd_weights", "[0.5, .nan]"], r"cd_weights\[1\]: must be a finite number"),
     (["--alpha", "-inf"], "alpha: must be a finite number"),
 ])
 def test_teach_refuses_non_finite_numbers(tmp_path, argv, message):

@@ -139,7 +139,7 @@ def test_token_level_distillation_from_mod_reduces_the_kl(tiny_lm, tmp_path):
         random_adapter(tiny_lm, tmp_path / "policies" / name / "adapter", seed=i)
     stage("teach").main(["--run_dir", str(tmp_path), "--model", tiny_lm, "--objectives", "[readability, positivity]",
                           "--report_to", "none", "--decoder", "mod", "--name", "mod-t", "--policies", "[a, b]",
-                          "--weights", "[0.3, 0.7]", "--divergence", "forward_kl", "--max_prompts", "16",
+                          "--mod_weights", "[0.3, 0.7]", "--divergence", "forward_kl", "--max_prompts", "16",
                           "--max_new_tokens", "12", "--batch_size", "8"])
     out = stage("distill").main(distill_args(tmp_path, tiny_lm, "--teachers", "{mod-t: 1.0}", "--loss", "token_kl",
                                               "--use_lora", "false", "--learning_rate", "5e-3", "--max_steps", "12",

@@ -27,7 +27,7 @@ def test_pipeline_runs_end_to_end_then_skips_complete_steps(tiny_lm, tmp_path):
              "weights": {"brevity": 0.5, "readability": 0.5}},
             {"stage": "teach", "name": "eval-pi_ref", "decoder": "pi_ref", "split": "heldout"},
             {"stage": "teach", "name": "eval-rmod", "split": "heldout"},
-            {"stage": "teach", "name": "eval-mod", "decoder": "mod", "policies": ["a", "b"], "weights": [0.5, 0.5],
+            {"stage": "teach", "name": "eval-mod", "decoder": "mod", "policies": ["a", "b"], "mod_weights": [0.5, 0.5],
              "split": "heldout"},
             {"stage": "teach", "name": "rmod-train", "split": "train"},
             {"stage": "distill", "name": "student"},

@@ -127,11 +127,11 @@ def test_mod_and_soup_teachers_on_lora_policies(run_dir, tiny_lm):
     for i, name in enumerate(["a", "b"]):
         random_adapter(tiny_lm, run_dir / "policies" / name / "adapter", seed=i)
     common = ("--policies", "[a, b]", "--greedy", "true")
-    mod = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "mod", "--name", "mod-a", "--weights",
+    mod = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "mod", "--name", "mod-a", "--mod_weights",
                                           "[1.0, 0.0]", *common))
-    soup = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "soup", "--name", "soup-a", "--weights",
+    soup = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "soup", "--name", "soup-a", "--mod_weights",
                                            "[1.0, 0.0]", *common))
-    mixed = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "mod", "--name", "mod-js", "--weights",
+    mixed = stage("teach").main(teach_args(run_dir, tiny_lm, "--decoder", "mod", "--name", "mod-js", "--mod_weights",
                                             "[0.5, 0.5]", "--divergence", "js", *common))
     by = {k: {r["prompt_id"]: r["response_ids"] for r in load_from_disk(str(o / "dataset"))}
           for k, o in [("mod", mod), ("soup", soup), ("mixed", mixed)]}
@@ -142,8 +142,8 @@ def test_mod_and_soup_teachers_on_lora_policies(run_dir, tiny_lm):
 
 @pytest.mark.parametrize("extra,match", [
     (["--decoder", "mod"], "policies"),
-    (["--decoder", "mod", "--policies", "[a, b]", "--weights", "[1.0]"], "one weight per policy"),
-    (["--decoder", "mod", "--policies", "[nope]", "--weights", "[1.0]"], "nope"),
+    (["--decoder", "mod", "--policies", "[a, b]", "--mod_weights", "[1.0]"], "one weight per policy"),
+    (["--decoder", "mod", "--policies", "[nope]", "--mod_weights", "[1.0]"], "nope"),
 ])
 def test_mod_config_errors(run_dir, tiny_lm, extra, match):
     with pytest.raises(ConfigError, match=match):

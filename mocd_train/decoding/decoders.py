@@ -150,13 +150,13 @@ def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> D
     elif cfg.decoder == "cd_single":
         params["objective"] = cfg.objective
     elif cfg.decoder == "cd_fixed":
-        params["weights"] = cfg.weights
+        params["weights"] = cfg.cd_weights
     elif cfg.decoder == "best_of_k":
         params["rule"] = cfg.best_of_k_rule
     rule = block_rule(cfg.decoder, len(objectives), rmod_lambda=cfg.rmod_lambda, selection=cfg.selection,
                       weights_method=cfg.weights_method,
                       objective_index=objectives.index(cfg.objective) if cfg.objective in objectives else 0,
-                      weights=cfg.weights, best_of_k_rule=cfg.best_of_k_rule)
+                      weights=cfg.cd_weights, best_of_k_rule=cfg.best_of_k_rule)
     return BlockDecoder(cfg.decoder, engine, rule, params)
 
 
@@ -166,8 +166,8 @@ def _mod_decoder(cfg, policy, tokenizer):
     paths = [policy_dir(cfg.run_dir, p) for p in cfg.policies]
     adapters = [adapter_of(p) for p in paths]
     params = {"T": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-              "greedy": cfg.greedy, "policies": [str(p) for p in paths], "weights": cfg.weights}
-    weights, rule = cfg.weights, cfg.divergence
+              "greedy": cfg.greedy, "policies": [str(p) for p in paths], "weights": cfg.mod_weights}
+    weights, rule = cfg.mod_weights, cfg.divergence
     if cfg.decoder == "soup":
         if not all(adapters):
             raise ConfigError("soup: every policy must be a LoRA adapter (a soup mixes ΔW = B·A).")
