@@ -17,7 +17,7 @@ from mocd_train.data import chat_texts
 from mocd_train.errors import ConfigError
 from mocd_train.models import adapter_base, load_tokenizer
 from mocd_train.rewards import Normalizer
-from mocd_train.tracking import trainer_report_to
+from mocd_train.training import trainer_args
 
 
 def objective_weights(cfg, names: list[str]) -> list[float]:
@@ -104,17 +104,8 @@ def lora_config(cfg):
 
 
 def common_args(cfg, out: Path, stage: str = "policies") -> dict:
-    """TrainingArguments shared by every method (TRL configs default to bf16: only on a GPU here)."""
-
-    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    return dict(output_dir=str(out / "checkpoints"), seed=cfg.seed, learning_rate=cfg.learning_rate,
-                num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
-                per_device_train_batch_size=cfg.per_device_train_batch_size,
-                gradient_accumulation_steps=cfg.gradient_accumulation_steps, logging_steps=cfg.logging_steps,
-                save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, use_cpu=cpu,
-                bf16=not cpu and cfg.dtype in ("auto", "bfloat16"), fp16=not cpu and cfg.dtype == "float16",
-                gradient_checkpointing=cfg.gradient_checkpointing, report_to=trainer_report_to(cfg, stage),
-                run_name=f"{Path(cfg.run_dir).name}-{stage}", remove_unused_columns=False)
+    """The TRL config arguments shared by every method: `training.trainer_args`."""
+    return trainer_args(cfg, out, stage)
 
 
 def dpo_trainer(cfg, model, tokenizer, pairs: list[dict], out: Path):

@@ -112,7 +112,26 @@ class RolloutsConfig(CommonConfig):
 
 
 @dataclass
-class ValueConfig(CommonConfig):
+class FineTuneConfig(CommonConfig):
+    """Keys shared by every stage that fine-tunes with a Trainer (value, policies, distill)."""
+
+    lora_r: int = field(default=16, metadata=doc("LoRA rank (LoRA training only)."))
+    lora_alpha: int = field(default=32, metadata=doc("LoRA alpha."))
+    lora_dropout: float = field(default=0.0, metadata=doc("LoRA dropout."))
+    lora_target_modules: list[str] | str = field(
+        default="all-linear", metadata=doc("LoRA target modules: 'all-linear' or a list of module names."))
+    learning_rate: float = field(default=5e-5, metadata=doc("Peak learning rate."))
+    num_train_epochs: float = field(default=1.0, metadata=doc("Passes over the training data."))
+    per_device_train_batch_size: int = field(default=8, metadata=doc("Examples per step per process."))
+    gradient_accumulation_steps: int = field(default=1, metadata=doc("Steps accumulated per optimiser update."))
+    max_length: int = field(default=256, metadata=doc("Prompt + response tokens kept."))
+    logging_steps: int = field(default=10, metadata=doc("Log every N steps."))
+    save_steps: int = field(default=50, metadata=doc("Checkpoint every N steps (resume point)."))
+    gradient_checkpointing: bool = field(default=False, metadata=doc("Trade compute for memory (large models)."))
+
+
+@dataclass
+class ValueConfig(FineTuneConfig):
     """Multi-objective value model V(x, y^t) ∈ R^G trained on the rollouts (stage `value`, docs/algorithms.md §2)."""
 
     name: str = field(default="value", metadata=doc("Output folder <run_dir>/<name> (decoders read "
@@ -132,16 +151,7 @@ class ValueConfig(CommonConfig):
     train_mode: Literal["full", "lora", "frozen"] = field(
         default="full", metadata=doc("What trains besides the head: the whole backbone, LoRA adapters, or nothing.")
     )
-    lora_r: int = field(default=16, metadata=doc("LoRA rank (train_mode lora)."))
-    lora_alpha: int = field(default=32, metadata=doc("LoRA alpha."))
-    lora_dropout: float = field(default=0.0, metadata=doc("LoRA dropout."))
-    lora_target_modules: list[str] | str = field(
-        default="all-linear", metadata=doc("LoRA target modules: 'all-linear' or a list of module names.")
-    )
-    learning_rate: float = field(default=5e-5, metadata=doc("Peak learning rate (the head's included)."))
     num_train_epochs: float = field(default=2.0, metadata=doc("Passes over the training sequences."))
-    per_device_train_batch_size: int = field(default=8, metadata=doc("Sequences per step per process."))
-    gradient_accumulation_steps: int = field(default=1, metadata=doc("Steps accumulated per optimiser update."))
     warmup_ratio: float = field(default=0.05, metadata=doc("Share of steps with linear warm-up."))
     weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay."))
     max_length: int = field(default=512, metadata=doc("Truncate sequences (prompt + response) to this many tokens."))
@@ -167,9 +177,6 @@ class ValueConfig(CommonConfig):
     samples_per_prompt: int | None = field(
         default=None, metadata=doc("Train on the first N samples of each prompt only (data ablations)."))
     eval_batch_size: int = field(default=16, metadata=doc("Sequences per batch when computing metrics."))
-    save_steps: int = field(default=50, metadata=doc("Checkpoint every N optimiser steps (resume point)."))
-    logging_steps: int = field(default=10, metadata=doc("Log the training loss every N steps."))
-    gradient_checkpointing: bool = field(default=False, metadata=doc("Trade compute for memory (large backbones)."))
     overwrite: bool = field(default=False, metadata=doc("Delete an existing value stage in run_dir and start over."))
 
     def check(self) -> None:
@@ -341,24 +348,12 @@ F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "r
 
 
 @dataclass
-class TrainingConfig(CommonConfig):
+class TrainingConfig(FineTuneConfig):
     """Keys shared by the stages that fine-tune a model with TRL (policies, distill)."""
 
     use_lora: bool = field(default=True, metadata=doc("Train LoRA adapters (else the full model)."))
-    lora_r: int = field(default=16, metadata=doc("LoRA rank."))
-    lora_alpha: int = field(default=32, metadata=doc("LoRA alpha."))
-    lora_dropout: float = field(default=0.0, metadata=doc("LoRA dropout."))
-    lora_target_modules: list[str] | str = field(default="all-linear", metadata=doc("LoRA target modules."))
     merge: bool = field(default=False, metadata=doc("Also save the adapter merged into a full checkpoint."))
-    learning_rate: float = field(default=5e-5, metadata=doc("Peak learning rate."))
-    num_train_epochs: float = field(default=1.0, metadata=doc("Passes over the training data."))
     max_steps: int = field(default=-1, metadata=doc("Stop after this many optimiser steps (-1: use epochs)."))
-    per_device_train_batch_size: int = field(default=8, metadata=doc("Examples per step per process."))
-    gradient_accumulation_steps: int = field(default=1, metadata=doc("Steps per optimiser update."))
-    max_length: int = field(default=256, metadata=doc("Prompt + response tokens kept."))
-    logging_steps: int = field(default=10, metadata=doc("Log every N steps."))
-    save_steps: int = field(default=50, metadata=doc("Checkpoint every N steps (resume point)."))
-    gradient_checkpointing: bool = field(default=False, metadata=doc("Trade compute for memory."))
 
 
 @dataclass

@@ -24,7 +24,7 @@ from mocd_train.rundir import (
     atomic_write_json,
 )
 from mocd_train.stage import Stage
-from mocd_train.tracking import trainer_report_to
+from mocd_train.training import trainer_args
 from mocd_train.values import (
     BackboneSpec,
     build_value_model,
@@ -123,23 +123,17 @@ def main(argv=None):
 
 
 def training_arguments(cfg, out: Path):
-    import torch
-    from transformers import TrainingArguments
+    """The shared Trainer arguments (`training.trainer_args`) plus the value model's: linear warm-up and decay,
+    length-grouped batches, and checkpoint selection on the validation prompts when asked."""
+    from transformers import TrainingArguments  # heavy
 
-    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     return TrainingArguments(
-        output_dir=str(out / "checkpoints"), seed=cfg.seed, learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay, lr_scheduler_type="linear", logging_steps=cfg.logging_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
-        eval_strategy="steps" if cfg.validation_fraction else "no", eval_steps=cfg.save_steps,
-        load_best_model_at_end=bool(cfg.validation_fraction), metric_for_best_model="pair_accuracy",
-        greater_is_better=True, per_device_eval_batch_size=cfg.eval_batch_size,
-        train_sampling_strategy="group_by_length", length_column_name="length", remove_unused_columns=False,
-        use_cpu=cpu, bf16=not cpu and cfg.dtype in ("auto", "bfloat16"), fp16=not cpu and cfg.dtype == "float16",
-        activation_checkpointing=cfg.gradient_checkpointing, report_to=trainer_report_to(cfg, "value"),
-        run_name=f"{Path(cfg.run_dir).name}-{cfg.name}", dataloader_num_workers=0, disable_tqdm=False)
+        **trainer_args(cfg, out, "value", cfg.name), warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        lr_scheduler_type="linear", eval_strategy="steps" if cfg.validation_fraction else "no",
+        eval_steps=cfg.save_steps, load_best_model_at_end=bool(cfg.validation_fraction),
+        metric_for_best_model="pair_accuracy", greater_is_better=True, per_device_eval_batch_size=cfg.eval_batch_size,
+        train_sampling_strategy="group_by_length", length_column_name="length", dataloader_num_workers=0,
+        disable_tqdm=False)
 
 
 def _dataset(examples):
