@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("rewards", help="list the reward types")
     prompts = sub.add_parser("prompts", help="list the packaged prompt sets and split sizes")
     prompts.add_argument("--heldout_fraction", type=float, default=0.2)
+    publish = sub.add_parser("publish-report", help="publish an evaluation's W&B Report (after `wandb sync`)")
+    publish.add_argument("definition", help="<run_dir>/eval/wandb_report.json")
     args = parser.parse_args(argv)
 
     from mocd_train import assets as A  # late: `mocd --help` stays fast
@@ -80,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
 
             for name, text in reward_types().items():
                 print(f"{name:16s} {text}")
+        elif args.command == "publish-report":
+            from mocd_train import wandb_report  # late: imports wandb
+
+            print(wandb_report.publish(wandb_report.load(args.definition)))
         elif args.command == "prompts":
             for name in A.PROMPT_SOURCES:
                 sizes = {s: len(A.load_prompts([name], s, args.heldout_fraction)) for s in ("train", "heldout")}

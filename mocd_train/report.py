@@ -217,7 +217,8 @@ def log_wandb(cfg, comparison: dict, tables: dict[str, list[dict]], plots: list[
     for label, m in comparison["methods"].items():
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "mocd_train"), group=Path(cfg.run_dir).name,
                          job_type="evaluate", name=f"{Path(cfg.run_dir).name}-eval-{label}", dir=str(cfg.run_dir),
-                         config={"method": label, "reference": comparison["reference"]}, reinit="finish_previous")
+                         config={"method": label, "reference": comparison["reference"],
+                                 "eval_group": Path(cfg.run_dir).name}, reinit="finish_previous")
         flat = {f"mean/{g}": m["mean"][g] for g in names} | {f"raw_mean/{g}": m["raw_mean"][g] for g in names}
         flat |= {"min_of_means": m["min_of_means"], "mean_worst_case": m["mean_worst_case"],
                  "worst_case_win_rate": m["vs_reference"]["worst_case_win_rate"],

@@ -94,6 +94,8 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
     assert comparison["methods"]["eval-rmod"]["vs_reference"]["worst_case_win_rate"] == pytest.approx(expected)
     runs = json.loads((out / "DONE.json").read_text())["wandb"]
     assert len(runs) == 3 and all("offline-run" in r for r in runs)
+    definition = json.loads((out / "wandb_report.json").read_text())  # offline: saved to publish later
+    assert definition["methods"] == ["eval-pi_ref", "eval-rmod", "eval-other"]
     # one claim per method and comparator, stated in the report with its interval
     claims = {(c["method"], c["versus"]): c for c in comparison["claims"]}
     assert set(claims) == {("eval-rmod", "eval-pi_ref"), ("eval-other", "eval-pi_ref"), ("eval-rmod", "eval-other"),
@@ -143,3 +145,22 @@ def test_hypervolume_is_exact_in_float64():
                 box *= min(p[axis] for p in subset) - 1
             exact += box if size % 2 else -box
     assert abs(hypervolume(pts, ref) - float(exact)) <= 1e-12 * float(exact)
+
+
+def test_the_wandb_report_definition_names_every_method_and_panel_and_builds_offline():
+    pytest.importorskip("wandb_workspaces")
+    from mocd_train.wandb_report import build_report, report_definition
+
+    methods = {m: {"mean": {"a": 0.1 * i, "b": -0.1 * i}, "mean_worst_case": -0.1 * i, "min_of_means": -0.1 * i,
+                   "vs_reference": {"worst_case_win_rate": 0.5}} for i, m in enumerate(["eval-pi_ref", "eval-rmod"])}
+    comparison = {"objectives": ["a", "b"], "reference": "eval-pi_ref", "methods": methods,
+                  "claims": [{"sentence": "eval-rmod < eval-pi_ref: -0.100 [-0.2, 0.0], not significant"}]}
+    d = report_definition(comparison, "my-run", project="p")
+    assert d["methods"] == ["eval-pi_ref", "eval-rmod"] and all(m in d["table"] for m in d["methods"])
+    titles = [p["title"] for p in d["panels"]]
+    assert {"mean normalised a", "mean normalised b", "mean per-prompt worst case", "Pareto: a vs b"} <= set(titles)
+    assert d["claims"] == ["eval-rmod < eval-pi_ref: -0.100 [-0.2, 0.0], not significant"]
+    report = build_report(d)  # no network: only the object
+    grid = report.blocks[-1]
+    assert report.title == "my-run: comparison" and len(grid.panels) == len(d["panels"])
+    assert "my-run" in grid.runsets[0].filters

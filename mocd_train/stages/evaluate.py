@@ -27,6 +27,7 @@ from mocd_train.report import (
 from mocd_train.rewards import Normalizer, parse_objectives
 from mocd_train.rundir import stage_dir
 from mocd_train.stage import Stage
+from mocd_train.wandb_report import save_or_publish, wandb_online
 
 
 def load_method(run_dir, name):
@@ -74,13 +75,21 @@ def main(argv=None):
     (out / "table.md").write_text(header + "".join("| " + " | ".join(map(str, r.values())) + " |\n" for r in rows))
     (out / "claims.md").write_text("".join(f"- {line}\n" for line in claim_lines(comparison)))
     wandb_dirs = log_wandb(cfg, comparison, tables, plots) if cfg.report_to == "wandb" else []
+    online = cfg.report_to == "wandb" and wandb_online()
+    definition, url = save_or_publish(comparison, Path(cfg.run_dir).name, out, online)
     if cfg.export_dir:
         export(out, Path(cfg.export_dir), cfg)
     stage.finish({"report": str(out / "report.html"), "methods": list(tables), "wandb": wandb_dirs,
-                  "pareto_front": comparison["pareto_front"], "exported": cfg.export_dir})
+                  "wandb_report": url or str(definition), "pareto_front": comparison["pareto_front"],
+                  "exported": cfg.export_dir})
     print((out / "table.md").read_text())
     print((out / "claims.md").read_text())
     print(f"report → {out / 'report.html'}")
+    if url:
+        print(f"W&B Report → {url}")
+    elif cfg.report_to == "wandb":
+        print(f"W&B Report definition → {definition}; publish it once the runs are synced:\n"
+              f"  wandb sync {Path(cfg.run_dir) / 'wandb'}/offline-run-* && mocd publish-report {definition}")
     return out
 
 
