@@ -10,6 +10,21 @@ from mocd_train.config import STAGES, build_config, pipeline_steps, read_yaml, s
 from mocd_train.errors import ConfigError
 
 
+def run_recipe(stage: str) -> None:
+    """What recipes/<script>.py does: `--help` from the stage's config alone (fast: no torch), else the stage's
+    main() under `run_stage`."""
+    import importlib
+
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        from mocd_train.config import describe
+
+        print(describe(STAGES[stage]) if stage in STAGES else importlib.import_module(
+            f"mocd_train.stages.{stage}").__doc__)
+        raise SystemExit(0)
+    module = importlib.import_module(f"mocd_train.stages.{stage}")  # late: torch, transformers, the stage's models
+    run_stage(module.main)
+
+
 def run_stage(main) -> None:
     """Run a recipe's main(); configuration and asset mistakes exit with one clear line, not a traceback."""
     from mocd_train.assets import AssetError  # late: `mocd --help` stays fast

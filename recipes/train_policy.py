@@ -2,8 +2,7 @@
 The code is `mocd_train.stages.policies`; `--help` lists every key.
 Run as `python recipes/train_policy.py --config <recipe.yaml>` or under `accelerate launch`."""
 
-from mocd_train.cli import run_stage
-from mocd_train.stages.policies import main
+from mocd_train.cli import run_recipe
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_recipe("policies")
