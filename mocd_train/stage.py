@@ -4,17 +4,43 @@ resolved config, only once the inputs are known good) → resume → finish with
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from mocd_train.atomic import atomic_write_text
+from mocd_train.atomic import atomic_write_json, atomic_write_text
 from mocd_train.config import config_diff, load_config, to_dict
 from mocd_train.errors import ConfigError
 from mocd_train.models import process_state
-from mocd_train.rundir import is_complete, mark_complete, stage_dir
+from mocd_train.rundir import DONE, is_complete, mark_complete, stage_dir
+
+INPUTS = "inputs.json"
+
+
+def fingerprint(source: Any) -> str:
+    """What an input contained, as a short hash: a stage folder by its DONE.json (a re-made stage has a new one), a
+    file by its bytes, a checkpoint folder by its config and its files' names and sizes, anything else (prompt ids,
+    a hub id) by its JSON text."""
+    h = hashlib.sha256()
+    if isinstance(source, Path):
+        if (source / DONE).is_file():
+            h.update((source / DONE).read_bytes())
+        elif source.is_file():
+            h.update(source.read_bytes())
+        elif source.is_dir():
+            for f in sorted(p for p in source.rglob("*") if p.is_file()):
+                h.update(f"{f.relative_to(source)}:{f.stat().st_size}".encode())
+                if f.name.endswith(".json") and f.stat().st_size < 1_000_000:
+                    h.update(f.read_bytes())
+        else:
+            h.update(b"missing")
+    else:
+        h.update(json.dumps(source, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 class Stage:
@@ -26,6 +52,7 @@ class Stage:
         self.dir = stage_dir(cfg.run_dir, folder)
         self.is_main = state is None or state.is_main_process
         self.complete = is_complete(self.dir) and not cfg.overwrite
+        self.inputs: dict[str, dict] = {}
         if not cfg.overwrite:
             self._check_saved()
 
@@ -48,6 +75,30 @@ class Stage:
             raise ConfigError(f"{self.dir} holds {self.folder} made with other settings ({detail}). Use another "
                               "run_dir or name, restore those settings, or pass --overwrite true to start it over.")
 
+    def require(self, **inputs: Any) -> None:
+        """Record what this stage consumes — upstream stage folders, files, model folders (as Paths), prompt ids or
+        names (as values) — and refuse to resume or re-use a stage made from other inputs: a partial one would mix
+        two versions, a complete one is stale. Paths inside the run directory are stored relative to it, so a moved
+        run stays valid."""
+        run = Path(self.cfg.run_dir).resolve()
+        for name, source in inputs.items():
+            entry = {"fingerprint": fingerprint(source)}
+            if isinstance(source, Path):
+                resolved = source.resolve()
+                entry["path"] = str(resolved.relative_to(run)) if resolved.is_relative_to(run) else str(resolved)
+            self.inputs[name] = entry
+        saved_path = self.dir / INPUTS
+        if self.cfg.overwrite or not saved_path.is_file():
+            return
+        saved = json.loads(saved_path.read_text())
+        changed = sorted(k for k, v in self.inputs.items()
+                         if k in saved and saved[k]["fingerprint"] != v["fingerprint"])
+        if changed:
+            what = ", ".join(f"{k} ({self.inputs[k].get('path', 'its contents')})" for k in changed)
+            state = "is stale" if self.complete else "cannot be resumed"
+            raise ConfigError(f"{self.dir} {state}: {what} changed since it was started. Re-run it with --overwrite "
+                              "true (or another name), or restore the input.")
+
     def start(self) -> Path:
         """Call once the inputs are validated: with `overwrite` the old output goes now, and the resolved config is
         saved (what a resumed or re-used stage is checked against). Every rank waits for the main one."""
@@ -56,6 +107,8 @@ class Stage:
                 shutil.rmtree(self.dir)
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            if self.inputs:
+                atomic_write_json(self.dir / INPUTS, self.inputs)
         self.barrier()
         return self.dir
 

@@ -19,12 +19,13 @@ def main(argv=None):
     # parse
     cfg, stage = Stage.open("rollouts", argv, "rollouts")
     state, out = stage.state, stage.dir
+    prompts = load_prompts(cfg.prompt_sources, cfg.split, cfg.heldout_fraction, cfg.max_prompts, cfg.prompts_file)
+    stage.require(prompts=[p.id for p in prompts], model=model_source(cfg.model))
     if stage.complete:
         print(f"rollouts already complete: {out}")
         return out
 
     # load
-    prompts = load_prompts(cfg.prompt_sources, cfg.split, cfg.heldout_fraction, cfg.max_prompts, cfg.prompts_file)
     device = resolve_device(cfg.device, state.device)
     policy, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype, cfg.cache_dir)
     rewards = RewardSet.from_config(cfg.objectives, device, cfg.cache_dir, cfg.score_batch_size)

@@ -79,7 +79,7 @@ def main(argv=None):
 
     # save + log (main process)
     if state.is_main_process:
-        shards = read_chunks(out / "shards", len(prompts), cfg.chunk_size, f"teach {name}")
+        shards = read_chunks(out / "shards", prompts, cfg.chunk_size, f"teach {name}")
         rows = [r for s in shards for r in s["rows"]]
         save_dataset(rows, out / "dataset")
         raw = torch.tensor([[r[f"reward_{g}"] for g in names] for r in rows], dtype=torch.float64)
