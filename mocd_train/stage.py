@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from filelock import FileLock, Timeout
 
 from mocd_train.atomic import atomic_write_json, atomic_write_text
 from mocd_train.config import config_diff, load_config, to_dict
@@ -19,12 +21,14 @@ from mocd_train.models import process_state
 from mocd_train.rundir import DONE, is_complete, mark_complete, stage_dir
 
 INPUTS = "inputs.json"
+_HELD: dict[str, Any] = {}  # stage locks this process holds, by lock file
 
 
 def fingerprint(source: Any) -> str:
     """What an input contained, as a short hash: a stage folder by its DONE.json (a re-made stage has a new one), a
-    file by its bytes, a checkpoint folder by its config and its files' names and sizes, anything else (prompt ids,
-    a hub id) by its JSON text."""
+    file by its bytes, any other folder (a checkpoint) by its files' names, sizes and modification times and its
+    small JSON files' bytes (moving or `cp -a` keeps them; rewriting changes them), anything else (prompt ids, a hub
+    id) by its JSON text."""
     h = hashlib.sha256()
     if isinstance(source, Path):
         if (source / DONE).is_file():
@@ -33,7 +37,8 @@ def fingerprint(source: Any) -> str:
             h.update(source.read_bytes())
         elif source.is_dir():
             for f in sorted(p for p in source.rglob("*") if p.is_file()):
-                h.update(f"{f.relative_to(source)}:{f.stat().st_size}".encode())
+                st = f.stat()
+                h.update(f"{f.relative_to(source)}:{st.st_size}:{st.st_mtime_ns}".encode())
                 if f.name.endswith(".json") and f.stat().st_size < 1_000_000:
                     h.update(f.read_bytes())
         else:
@@ -53,8 +58,12 @@ class Stage:
         self.is_main = state is None or state.is_main_process
         self.complete = is_complete(self.dir) and not cfg.overwrite
         self.inputs: dict[str, dict] = {}
+        if self.is_main:
+            self._lock()
         if not cfg.overwrite:
             self._check_saved()
+        if self.complete:  # nothing will be written: another process may use it
+            self._unlock()
 
     @classmethod
     def open(cls, kind: str, argv, folder: str | Callable[[Any], str], *, processes: bool = True):
@@ -62,6 +71,23 @@ class Stage:
         cfg = load_config(kind, argv)
         state = process_state(cfg.device) if processes else None
         return cfg, cls(cfg, folder(cfg) if callable(folder) else folder, state)
+
+    def _lock(self) -> None:
+        """One writer per stage: an OS file lock beside the folder, held until finish() or the process ends (a killed
+        process leaves no stale lock). A second process on the same stage is refused at once; the same process
+        opening the stage again (after an interrupted attempt) takes the lock over. Data-parallel ranks share the main
+        rank's."""
+        path = self._lock_path()
+        if path in _HELD:
+            _HELD.pop(path).release(force=True)
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise ConfigError(f"{self.dir} is being written by another process (lock {path}); wait for it to finish, "
+                              "or give this run another name.") from None
+        _HELD[path] = lock
 
     def _check_saved(self) -> None:
         """A folder made with other output-relevant settings would mix incompatible results: refused, keys named."""
@@ -117,15 +143,38 @@ class Stage:
             self.state.wait_for_everyone()
 
     def last_checkpoint(self, sub: str = "checkpoints") -> str | None:
-        """The newest complete Trainer checkpoint under <stage>/<sub>, to resume from (None: start fresh)."""
-        from transformers.trainer_utils import get_last_checkpoint  # heavy
-
+        """The newest complete Trainer checkpoint under <stage>/<sub>, to resume from (None: start fresh). A Trainer
+        writes trainer_state.json last, so a checkpoint without a readable one was cut short by a kill: it is moved
+        aside (renamed .incomplete-…) with a warning, never resumed from, and the one before it is used."""
         path = self.dir / sub
-        return get_last_checkpoint(str(path)) if path.is_dir() else None
+        if not path.is_dir():
+            return None
+        found = sorted((p for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                       key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+        for ckpt in found:
+            try:
+                json.loads((ckpt / "trainer_state.json").read_text())
+                return str(ckpt)
+            except (OSError, ValueError):
+                aside = ckpt.with_name(f".incomplete-{ckpt.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                ckpt.rename(aside)
+                warnings.warn(f"{ckpt} is incomplete (killed while saving?): moved to {aside.name}; resuming from "
+                              "the checkpoint before it.", stacklevel=2)
+        return None
 
     def finish(self, summary: dict) -> Path:
         """DONE.json (main process), written last: the stage is complete only now. Every rank waits for it."""
         if self.is_main:
             mark_complete(self.dir, summary)
+            self._unlock()
         self.barrier()
         return self.dir
+
+    def _lock_path(self) -> str:
+        return str(self.dir.with_name(self.dir.name + ".lock"))
+
+    def _unlock(self) -> None:
+        lock = _HELD.pop(self._lock_path(), None)
+        if lock is not None:
+            lock.release(force=True)

@@ -508,9 +508,12 @@ STAGES: dict[str, type[CommonConfig]] = {"rollouts": RolloutsConfig, "value": Va
 
 
 
-# Keys whose change does not alter a stage's outputs: a resumed run may use different values.
-RESUME_FREE_KEYS = {"report_to", "device", "cache_dir", "score_batch_size", "overwrite", "eval_batch_size",
-                    "logging_steps", "save_steps", "gradient_checkpointing"}
+# Keys whose change does not alter a stage's outputs: a resumed run may use different values. The run directory and
+# the keys that name models, datasets and files are among them because stages compare what those contain
+# (`Stage.require`), not how their paths are spelled: a moved or copied run stays valid.
+RESUME_FREE_KEYS = {"run_dir", "report_to", "device", "cache_dir", "score_batch_size", "overwrite", "eval_batch_size",
+                    "logging_steps", "save_steps", "gradient_checkpointing", "model", "backbone", "student",
+                    "value_model", "prompts_file", "sft_dataset", "export_dir"}
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -24,10 +24,10 @@ from mocd_train.distill import (
     split_heldout,
     token_kl_trainer,
 )
-from mocd_train.models import load_causal_lm, resolve_device
+from mocd_train.models import load_causal_lm, model_source, resolve_device
 from mocd_train.policies import completion_examples, sft_trainer
 from mocd_train.rewards import Normalizer, parse_objectives
-from mocd_train.rundir import stage_dir
+from mocd_train.rundir import stage_dir, teacher_dataset
 from mocd_train.stage import Stage
 
 
@@ -36,6 +36,8 @@ def main(argv=None):
     cfg, stage = Stage.open("distill", argv, lambda c: f"distill/{c.name or '-'.join(c.teachers)}")
     names = [s.name for s in parse_objectives(cfg.objectives)]
     name, state, out = cfg.name or "-".join(cfg.teachers), stage.state, stage.dir
+    stage.require(rollouts=stage_dir(cfg.run_dir, "rollouts"), student=model_source(cfg.student or cfg.model),
+                  **{f"teacher_{t}": teacher_dataset(cfg.run_dir, t).parent for t in cfg.teachers})
     if stage.complete:
         print(f"student {name} already complete: {out}")
         return out

@@ -33,6 +33,7 @@ def main(argv=None):
     # parse
     cfg, stage = Stage.open("palette", argv, lambda c: f"palette/{c.name}", processes=False)
     names = [s.name for s in parse_objectives(cfg.objectives)]
+    stage.require(rollouts=stage_dir(cfg.run_dir, "rollouts"))
     if stage.complete:
         print(f"palette {cfg.name} already solved: {stage.dir / PALETTE_FILE}")
         return stage.dir / PALETTE_FILE

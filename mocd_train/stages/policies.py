@@ -20,7 +20,7 @@ from datasets import load_from_disk
 from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
 from mocd_train.data import load_rollouts, rollouts_config
-from mocd_train.models import load_causal_lm, resolve_device
+from mocd_train.models import load_causal_lm, model_source, resolve_device
 from mocd_train.palette import load_palette
 from mocd_train.policies import (
     completion_examples,
@@ -34,7 +34,7 @@ from mocd_train.policies import (
     sft_trainer,
 )
 from mocd_train.rewards import RewardSet, parse_objectives
-from mocd_train.rundir import teacher_dataset
+from mocd_train.rundir import stage_dir, teacher_dataset
 from mocd_train.stage import Stage
 from mocd_train.values import check_objectives
 
@@ -55,6 +55,12 @@ def main(argv=None):
     cfg, stage = Stage.open("policies", argv, lambda c: f"policies/{c.name or default_name(c)}")
     names = [s.name for s in parse_objectives(cfg.objectives)]
     name, state, out = cfg.name or default_name(cfg), stage.state, stage.dir
+    inputs = {"rollouts": stage_dir(cfg.run_dir, "rollouts"), "model": model_source(cfg.model)}
+    if cfg.palette:
+        inputs["palette"] = Path(load_palette(cfg.palette, names, cfg.run_dir)["path"]).parent
+    if cfg.method == "sft":
+        inputs["sft_dataset"] = teacher_dataset(cfg.run_dir, cfg.sft_dataset).parent
+    stage.require(**inputs)
     if stage.complete:
         print(f"policy {name} already complete: {out}")
         return out

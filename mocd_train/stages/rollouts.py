@@ -9,7 +9,7 @@ Resumable: a killed run continues from its last finished chunk; a complete one i
 from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
 from mocd_train.data import merge_rollouts, write_rollout_shards
-from mocd_train.models import load_causal_lm, resolve_device
+from mocd_train.models import load_causal_lm, model_source, resolve_device
 from mocd_train.rewards import RewardSet, parse_objectives
 from mocd_train.stage import Stage
 from mocd_train.tracking import start_run

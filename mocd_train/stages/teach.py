@@ -11,6 +11,7 @@ interruptions or on the number of processes.
 
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,7 +20,8 @@ from mocd_train.cli import run_stage
 from mocd_train.data import chunk_seed, read_chunks, rollouts_config, run_chunks, save_dataset
 from mocd_train.decoding.decoders import make_decoder
 from mocd_train.errors import ConfigError
-from mocd_train.models import load_causal_lm, resolve_device
+from mocd_train.models import load_causal_lm, model_source, policy_dir, resolve_device
+from mocd_train.palette import load_palette
 from mocd_train.rewards import Normalizer, RewardSet, parse_objectives
 from mocd_train.rundir import stage_dir
 from mocd_train.stage import Stage
@@ -27,25 +29,40 @@ from mocd_train.tracking import start_run
 from mocd_train.values import check_objectives
 
 
+def teacher_inputs(cfg) -> dict:
+    """The upstream outputs a decoder reads: the value model, the palette, the combined policies."""
+    inputs = {}
+    if cfg.decoder not in ("pi_ref", "map_d", "mod", "soup") and cfg.score_with == "value":
+        inputs["value"] = Path(cfg.value_model) if cfg.value_model else stage_dir(cfg.run_dir, "value")
+    if cfg.decoder == "map_d":
+        names = [s.name for s in parse_objectives(cfg.objectives)]
+        inputs["palette"] = Path(load_palette(cfg.palette, names, cfg.run_dir)["path"]).parent
+    if cfg.decoder in ("mod", "soup"):
+        inputs.update({f"policy_{i}": policy_dir(cfg.run_dir, p) for i, p in enumerate(cfg.policies)})
+    return inputs
+
+
 def main(argv=None):
     # parse
     cfg, stage = Stage.open("teach", argv, lambda c: f"teach/{c.name or c.decoder}")
     name, state, out = cfg.name or cfg.decoder, stage.state, stage.dir
-    if stage.complete:
-        print(f"teacher {name} already complete: {out}")
-        return out
-
-    # load: the prompts and normalisation of this run's rollouts, the policy, the scorers
     rollouts_dir = stage_dir(cfg.run_dir, "rollouts")
     ro = rollouts_config(cfg.run_dir)
-    names = [s.name for s in parse_objectives(cfg.objectives)]
-    normalizer = Normalizer.load(rollouts_dir / "normalization.json")
-    check_objectives(names, normalizer.objectives, f"the rollouts in {cfg.run_dir}", "Use their objectives.")
     split = load_prompts(ro["prompt_sources"], cfg.split, ro["heldout_fraction"], None, ro["prompts_file"])
     prompts = split[cfg.first_prompt:][: cfg.max_prompts]
     if not prompts:
         raise ConfigError(f"first_prompt: {cfg.first_prompt} skips every prompt; the {cfg.split} split has "
                           f"{len(split)}.")
+    stage.require(prompts=[p.id for p in prompts], rollouts=rollouts_dir, model=model_source(cfg.model),
+                  **teacher_inputs(cfg))
+    if stage.complete:
+        print(f"teacher {name} already complete: {out}")
+        return out
+
+    # load: the normalisation of this run's rollouts, the policy, the scorers
+    names = [s.name for s in parse_objectives(cfg.objectives)]
+    normalizer = Normalizer.load(rollouts_dir / "normalization.json")
+    check_objectives(names, normalizer.objectives, f"the rollouts in {cfg.run_dir}", "Use their objectives.")
     device = resolve_device(cfg.device, state.device)
     policy, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype, cfg.cache_dir)
     rewards = RewardSet.from_config(cfg.objectives, device, cfg.cache_dir, normalizer=normalizer)

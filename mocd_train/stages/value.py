@@ -18,11 +18,9 @@ from mocd_train.assets import resolve_model
 from mocd_train.cli import run_stage
 from mocd_train.config import ConfigError
 from mocd_train.data import load_rollouts, rollouts_config
-from mocd_train.models import load_tokenizer
+from mocd_train.models import load_tokenizer, model_source
 from mocd_train.rewards import parse_objectives
-from mocd_train.rundir import (
-    atomic_write_json,
-)
+from mocd_train.rundir import atomic_write_json, stage_dir
 from mocd_train.stage import Stage
 from mocd_train.training import trainer_args
 from mocd_train.values import (
@@ -41,6 +39,7 @@ def main(argv=None):
     # parse
     cfg, stage = Stage.open("value", argv, lambda c: c.name)
     state, out = stage.state, stage.dir
+    stage.require(rollouts=stage_dir(cfg.run_dir, "rollouts"), backbone=model_source(cfg.backbone or cfg.model))
     if stage.complete:
         print(f"value model already complete: {out}")
         return out
