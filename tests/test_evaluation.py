@@ -164,3 +164,20 @@ def test_the_wandb_report_definition_names_every_method_and_panel_and_builds_off
     grid = report.blocks[-1]
     assert report.title == "my-run: comparison" and len(grid.panels) == len(d["panels"])
     assert "my-run" in grid.runsets[0].filters
+
+
+def test_methods_on_other_prompts_are_refused_or_flagged():
+    from mocd_train.errors import ConfigError
+    from mocd_train.evaluation import compare
+    from mocd_train.rewards import Normalizer
+
+    norm = Normalizer(["a"], [0.0], [1.0])
+
+    def rows(ids):
+        return [{"prompt_id": i, "reward_a": float(n), "num_response_tokens": 3} for n, i in enumerate(ids)]
+
+    with pytest.raises(ConfigError, match="shares no prompt with the reference"):
+        compare({"ref": rows(["p1", "p2"]), "m": rows(["q1"])}, "ref", ["a"], norm)
+    out = compare({"ref": rows(["p1", "p2", "p3"]), "m": rows(["p1", "p3"])}, "ref", ["a"], norm)
+    assert out["warnings"] == ["m covers 2 of the reference's 3 prompts: its numbers are over those prompts only "
+                               "(paired comparisons stay paired)."]

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from mocd_train.errors import ConfigError
 from mocd_train.rewards import Normalizer, RewardSet, build_reward, parse_objectives
 
 
@@ -90,8 +91,12 @@ def test_hf_reward_model_picks_the_head(tiny_rm):
 
 
 def test_hub_id_fails_fast_offline():
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match="not on this machine and the hub is offline"):
         reward("hf_reward_model", model="OpenAssistant/no-such-reward-model")
+    with pytest.raises(ConfigError, match="hub is offline"):
+        from mocd_train.models import load_causal_lm
+
+        load_causal_lm("someone/no-such-model", torch.device("cpu"))
 
 
 class Const:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
 
+from mocd_train.assets import hub_available
 from mocd_train.rewards.base import register
 
 
@@ -24,6 +26,8 @@ class HFRewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.name, self.head, self.batch_size, self.max_length = name, head, batch_size, max_length
+        if not Path(model).expanduser().exists():
+            hub_available(model)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         torch_dtype = torch.float32 if dtype == "auto" and str(device) == "cpu" else (
             torch.bfloat16 if dtype == "auto" else getattr(torch, dtype))

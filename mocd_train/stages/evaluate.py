@@ -8,6 +8,7 @@ Writes <run_dir>/eval/{report.html, comparison.json, table.md, *.png}.
 """
 
 import json
+import sys
 from pathlib import Path
 
 from mocd_train.atomic import atomic_dir
@@ -82,6 +83,8 @@ def main(argv=None):
     stage.finish({"report": str(out / "report.html"), "methods": list(tables), "wandb": wandb_dirs,
                   "wandb_report": url or str(definition), "pareto_front": comparison["pareto_front"],
                   "exported": cfg.export_dir})
+    for warning in comparison["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print((out / "table.md").read_text())
     print((out / "claims.md").read_text())
     print(f"report → {out / 'report.html'}")
