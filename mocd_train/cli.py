@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("rewards", help="list the reward types")
     prompts = sub.add_parser("prompts", help="list the packaged prompt sets and split sizes")
     prompts.add_argument("--heldout_fraction", type=float, default=0.2)
+    status = sub.add_parser("status", help="a run's stages: complete, partial or stale")
+    status.add_argument("run_dir")
     publish = sub.add_parser("publish-report", help="publish an evaluation's W&B Report (after `wandb sync`)")
     publish.add_argument("definition", help="<run_dir>/eval/wandb_report.json")
     args = parser.parse_args(argv)
@@ -100,6 +102,15 @@ def main(argv: list[str] | None = None) -> None:
 
             for name, text in reward_types().items():
                 print(f"{name:16s} {text}")
+        elif args.command == "status":
+            from mocd_train.stage import run_status  # late: imports torch
+
+            rows = run_status(args.run_dir)
+            if not rows:
+                raise ConfigError(f"{args.run_dir}: no stage folders (nothing has run here).")
+            for r in rows:
+                why = f"  ({', '.join(r['changed'])} changed: re-run it with --overwrite true)" if r["changed"] else ""
+                print(f"{r['stage']:<40} {r['state']}{why}")
         elif args.command == "publish-report":
             from mocd_train import wandb_report  # late: imports wandb
 

@@ -48,6 +48,25 @@ def fingerprint(source: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def run_status(run_dir: str | Path) -> list[dict]:
+    """Every stage folder of a run (one with a saved config.yaml): complete, partial or stale — a complete stage
+    is stale when an input it recorded by path (an upstream stage, a model or palette folder) has changed since."""
+    run = Path(run_dir)
+    out = []
+    for saved in sorted(run.glob("*/config.yaml")) + sorted(run.glob("*/*/config.yaml")):
+        folder = saved.parent
+        changed = []
+        if (folder / INPUTS).is_file():
+            for name, entry in json.loads((folder / INPUTS).read_text()).items():
+                if "path" in entry:
+                    path = Path(entry["path"]) if Path(entry["path"]).is_absolute() else run / entry["path"]
+                    if fingerprint(path) != entry["fingerprint"]:
+                        changed.append(name)
+        state = "stale" if changed else "complete" if is_complete(folder) else "partial"
+        out.append({"stage": str(folder.relative_to(run)), "state": state, "changed": changed})
+    return out
+
+
 class Stage:
     """A stage's folder <run_dir>/<folder> and its lifecycle, for one process or all ranks of a data-parallel run
     (`state`: accelerate's process state; None for single-process stages)."""

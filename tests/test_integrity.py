@@ -64,9 +64,15 @@ def test_a_retrained_value_model_under_a_resumed_teacher_is_refused_and_a_comple
         teach.main(args)
     done = teach.main(args + ["--overwrite", "true"])
     assert len(json.loads((done / "inputs.json").read_text())) == 4  # prompts, rollouts, model, value
+    from mocd_train.stage import run_status
+
+    assert {r["stage"]: r["state"] for r in run_status(tmp_path)}["teach/t"] == "complete"
     value_model(tmp_path, tiny_lm, seed=2)
     with pytest.raises(ConfigError, match="is stale: value"):
         teach.main(args)
+    status = {r["stage"]: r for r in run_status(tmp_path)}
+    assert status["teach/t"]["state"] == "stale" and status["teach/t"]["changed"] == ["value"]
+    assert status["rollouts"]["state"] == "complete"
 
 
 def test_an_edited_prompts_file_under_resumed_rollouts_is_refused(tiny_lm, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ ALLOWED_LATE = {
     ("mocd_train.config.schema", "mocd_train.rewards"),  # validation needs the reward registry, which imports torch
     ("mocd_train.cli", "mocd_train.assets"), ("mocd_train.cli", "mocd_train.rewards"),  # `mocd --help` stays fast
     ("mocd_train.cli", "mocd_train.wandb_report"), ("mocd_train.cli", "mocd_train.config"),
+    ("mocd_train.cli", "mocd_train.stage"),
 }
 
 
