@@ -23,9 +23,20 @@ def resolve_device(device: str, default: torch.device | str = "cpu") -> torch.de
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":  # bf16 is ~7x slower than fp32 on this kind of CPU
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """'auto': bf16 on a GPU that supports it, float32 otherwise (on this kind of CPU bf16 is ~7x slower; on a GPU
+    without bf16, fp16 would overflow where bf16 does not, so float32)."""
+    if dtype == "auto":
+        cuda = device.type == "cuda" and torch.cuda.is_available()
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, dtype)
+
+
+def float32_head(module: torch.nn.Module) -> torch.nn.Module:
+    """Keep a scoring head in float32 whatever the body's dtype: a bf16 head quantises values to ~0.01 at |v| ≈ 2–4,
+    so K candidates tie and argmax keeps the first. Its input is cast up on the way in."""
+    module.float()
+    module.register_forward_pre_hook(lambda m, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
+    return module
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "left"):

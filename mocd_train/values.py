@@ -22,7 +22,7 @@ from mocd_train.assets import resolve_model, split_of, unit_hash
 from mocd_train.atomic import atomic_dir
 from mocd_train.data import chat_texts
 from mocd_train.errors import ConfigError
-from mocd_train.models import load_tokenizer
+from mocd_train.models import float32_head, load_tokenizer
 from mocd_train.rewards import Normalizer
 from mocd_train.tensors import positions
 
@@ -114,6 +114,12 @@ class ValueModel(nn.Module):
         return self.meta.objectives
 
     @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the backbone can read (GPT-2: 1,024), or None when it has no fixed limit."""
+        config = self.backbone.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    @property
     def normalizer(self) -> Normalizer:
         return Normalizer(**self.meta.normalizer)
 
@@ -124,7 +130,7 @@ class ValueModel(nn.Module):
                             position_ids=positions(attention_mask, input_ids.shape[1]),
                             past_key_values=past_key_values, use_cache=use_cache)
         hidden = out.last_hidden_state
-        values = self.head(hidden.to(self.head.weight.dtype)).float()
+        values = self.head(hidden.to(self.head.weight.dtype)).float()  # the head stays float32 (`float32_head`)
         return values, (out.past_key_values if use_cache else None)
 
     # ------------------------------------------------------------------------------------------ incremental API
@@ -200,7 +206,9 @@ class ValueModel(nn.Module):
         tokenizer = load_tokenizer(str(directory / "tokenizer"))
         model = cls(backbone, meta)
         model.head.load_state_dict(load_file(str(directory / "head.safetensors")))
-        return model.to(device=device, dtype=dtype).eval(), tokenizer
+        model = model.to(device=device, dtype=dtype).eval()
+        float32_head(model.head)
+        return model, tokenizer
 
 
 def block_end_values(values: torch.Tensor, mask: torch.Tensor, prev: torch.Tensor | None, k: int = 1):

@@ -17,9 +17,11 @@ import torch
 
 from mocd_train.data import chat_texts, eos_ids
 from mocd_train.decoding.weights import check_finite_values
-from mocd_train.errors import WeightSolveError
+from mocd_train.errors import ConfigError, WeightSolveError
 from mocd_train.tensors import left_pad, positions
 from mocd_train.values import same_tokenizer, value_input_ids
+
+_SYNC_EVERY = 4  # sampling steps between checks that some branch is still alive (each check syncs with the device)
 
 
 @dataclass
@@ -102,6 +104,12 @@ class BlockEngine:
         n, k, dev = len(prompts), self.k, self.policy.device
         prompt_ids = [self.tok(t, add_special_tokens=False)["input_ids"]
                       for t in chat_texts(self.tok, prompts, self.system_prompt)]
+        limit = self.value.max_positions if self.shared else None
+        for p, ids in enumerate(prompt_ids):  # the shared cache cannot be cut: refuse what would overflow it
+            if limit is not None and len(ids) + self.t > limit:
+                raise ConfigError(f"prompt {p} ({prompts[p][:60]!r}) has {len(ids)} tokens; with max_new_tokens "
+                                  f"{self.t} it exceeds the value model's {limit} positions. Shorten the prompt or "
+                                  "lower max_new_tokens.")
         responses: list[list[int]] = [[] for _ in range(n)]
         finished = [False] * n
         traces: list[list[dict]] = [[] for _ in range(n)]
@@ -136,7 +144,7 @@ class BlockEngine:
                 if not (last_block and s == b - 1):  # the logits after a block's last token seed the next block
                     mask = torch.cat([mask, tmask[:, s : s + 1]], 1)
                     cache, logits = self._policy_forward(nxt[:, None], mask, cache)
-                if not alive.any():
+                if s % _SYNC_EVERY == _SYNC_EVERY - 1 and not bool(alive.any()):  # one host sync per few steps
                     toks, tmask = toks[:, : s + 1], tmask[:, : s + 1]
                     break
             # score the candidates, pick one per prompt
@@ -191,11 +199,13 @@ class BlockEngine:
         return getattr(self.rewards, "names", None)
 
     def _policy_forward(self, ids, mask, cache):
-        from transformers import DynamicCache
+        """One forward from the cache; only the last position's logits are computed (`logits_to_keep=1`: a prefill
+        of L tokens would otherwise build an L × vocabulary tensor it throws away)."""
+        from transformers import DynamicCache  # heavy
 
         out = self.policy(input_ids=ids, attention_mask=mask, position_ids=positions(mask, ids.shape[1]),
                           past_key_values=cache if cache is not None else DynamicCache(config=self.policy.config),
-                          use_cache=True)
+                          use_cache=True, logits_to_keep=1)
         return out.past_key_values, out.logits[:, -1]
 
     def _score(self, prompts, prompt_ids, responses, active, toks, tmask, vstate, cost):
@@ -224,11 +234,12 @@ class BlockEngine:
         return values[:, -1].view(n, k, -1)
 
     def _value_tokens(self, prompts, seqs):
-        """What the value model reads for each (prompt, response so far): `value_input_ids`, as in training."""
-        out = []
+        """What the value model reads for each (prompt, response so far): `value_input_ids`, as in training, cut from
+        the left to the value model's position limit (an over-long input is a device-side assert otherwise)."""
+        out, limit = [], self.value.max_positions
         for prompt, s in zip(prompts, seqs):
             text = self.tok.decode([t for t in s if t not in self.stop_set], skip_special_tokens=True)
             ids, _ = value_input_ids(self.value.meta, self.vtok, prompt, response_text=text,
                                      finished=bool(s) and s[-1] in self.stop_set)
-            out.append(ids)
+            out.append(ids[-limit:] if limit else ids)
         return out

@@ -21,8 +21,9 @@ def resample(rewards: torch.Tensor, lam: torch.Tensor, generator: torch.Generato
         raise NonFiniteError(f"MAP-D: λ = {lam.tolist()} is not finite; solve the palette again.")
     check_finite_values(rewards, "MAP-D candidate rewards")
     logits = rewards.double() @ lam.double().to(rewards.device)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs.cpu().float(), 1, generator=generator).squeeze(1)
+    where = generator.device if generator is not None else rewards.device  # the draw runs where its generator is
+    probs = torch.softmax(logits, dim=-1).to(where)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).cpu()
 
 
 @dataclass
@@ -51,7 +52,7 @@ class MapD:
                                 self.top_p, self.system_prompt)
         texts = [p for p in prompts for _ in range(self.k)]
         scores = self.rewards.score(texts, [r["response"] for r in rows]).view(len(prompts), self.k, -1)
-        choice = resample(scores, self.lam, generator if generator is None or generator.device.type == "cpu" else None)
+        choice = resample(scores, self.lam, generator)
         weights = torch.softmax(scores.double() @ self.lam.double(), -1)
         seconds = (time.perf_counter() - t0) / len(prompts)
         out = []

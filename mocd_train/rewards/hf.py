@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from mocd_train.assets import hub_available
+from mocd_train.models import float32_head, resolve_dtype
 from mocd_train.rewards.base import register
 
 
@@ -29,9 +30,11 @@ class HFRewardModel:
         if not Path(model).expanduser().exists():
             hub_available(model)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        torch_dtype = torch.float32 if dtype == "auto" and str(device) == "cpu" else (
-            torch.bfloat16 if dtype == "auto" else getattr(torch, dtype))
+        torch_dtype = resolve_dtype(dtype, torch.device(device))
         self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+        for layer in ("score", "classifier"):  # the scoring layer in float32: a bf16 one makes near scores tie
+            if isinstance(getattr(self.model, layer, None), torch.nn.Module):
+                float32_head(getattr(self.model, layer))
         if self.tokenizer.pad_token is None:  # GPT-2 style RMs ship without one
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
