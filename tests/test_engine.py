@@ -143,3 +143,56 @@ def test_a_non_finite_value_stops_decoding_naming_prompt_block_and_objective(tin
     with pytest.raises(NonFiniteError, match=r"reward functions: nan for prompt 0 \('How do I bake bread\?'\), "
                                              r"block 1, candidate 1, harmlessness"):
         engine.generate(PROMPTS[:2], block_rule("rmod", 2, rmod_lambda=5.0), torch.Generator().manual_seed(0))
+
+
+class ZeroRewards:
+    names = ["a", "b"]
+
+    def score(self, prompts, texts, normalize=True):
+        return torch.zeros(len(texts), 2)
+
+
+class ScriptedBackend:
+    """A sampling backend that is not a model: branch c of an open prompt emits token 10·(c+1) + block for B steps,
+    and prompt 1's branch 2 emits the stop token at its second block. The engine may only learn tokens through
+    `sample` and may only steer through `keep`."""
+
+    def __init__(self, stop):
+        self.stop, self.cost, self.log = stop, {"policy_tokens": 0}, []
+
+    def open(self, prompt_ids, k):
+        self.open_prompts, self.k, self.block = list(range(len(prompt_ids))), k, 0
+
+    def sample(self, b, last, generator):
+        rows = len(self.open_prompts) * self.k
+        toks = torch.tensor([[10 * (c + 1) + self.block] * b for _ in self.open_prompts for c in range(self.k)])
+        mask, alive = torch.ones_like(toks), torch.ones(rows, dtype=torch.bool)
+        for j, p in enumerate(self.open_prompts):
+            if p == 1 and self.block == 1:
+                toks[j * self.k + 2, 1:], mask[j * self.k + 2, 2:], alive[j * self.k + 2] = self.stop, 0, False
+        self.cost["policy_tokens"] += rows * b
+        return toks, mask, alive
+
+    def keep(self, winners, survivors):
+        self.log.append((winners.tolist(), list(survivors)))
+        self.open_prompts = [self.open_prompts[j] for j in survivors]
+        self.block += 1
+
+
+def test_the_engine_decodes_through_any_backend_by_its_sample_and_keep_contract(tiny_lm):
+    policy, tok = load_causal_lm(tiny_lm, torch.device("cpu"))
+    backend = ScriptedBackend(tok.eos_token_id)
+
+    def third_branch_then_first(values, generator):  # a rule: branch 2 at block 0 and 1, branch 0 after
+        n, k, _ = values.shape
+        return torch.full((n,), 2 if backend.block < 2 else 0), [{} for _ in range(n)]
+
+    engine = BlockEngine(policy, tok, None, None, ZeroRewards(), num_candidates=3, block_size=3, max_new_tokens=9,
+                         backend=backend)
+    out = engine.generate(PROMPTS[:3], third_branch_then_first)
+    eos = tok.eos_token_id
+    assert out[0].token_ids == [30] * 3 + [31] * 3 + [12] * 3 and not out[0].finished
+    assert out[1].token_ids == [30] * 3 + [31] and out[1].finished  # its chosen branch stopped: stop token dropped
+    assert backend.log[1] == ([2, 5, 8], [0, 2])  # winners are rows (prompt-major); prompt 1 left the batch
+    assert backend.log[2] == ([0, 3], [0, 1])
+    assert out[0].cost["policy_tokens"] == (9 + 9 + 6) * 3 / 3 and eos not in out[1].token_ids

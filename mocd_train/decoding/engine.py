@@ -1,10 +1,10 @@
 """The blockwise sampler behind RMOD, the CD baselines and Best-of-K (docs/architecture.md, "The fast path").
 
-Per batch of prompts: prefill each prompt once; its K branches share that prefill; each block samples B tokens per
-branch from π_ref with the KV cache; the value model scores only the new tokens from its own cache; a selection rule
-picks one branch per prompt; the winner's caches (policy and value) are copied into all K branch slots and decoding
-continues. Prompts whose response ended leave the batch. `reuse_cache=False` runs the same loop but re-encodes
-every prefix at each block (the naive baseline, and the reference the tests compare against).
+Per batch of prompts: a sampling backend (decoding/backends.py) opens K branches per prompt and samples B tokens for
+each; the value model scores only the new tokens from its own cache; a selection rule picks one branch per prompt;
+the backend and the value cache continue from the winner. Prompts whose response ended leave the batch.
+`reuse_cache=False` runs the same loop but re-encodes every prefix at each block (the naive baseline, and the
+reference the tests compare against).
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from typing import Callable
 import torch
 
 from mocd_train.data import chat_texts, eos_ids
+from mocd_train.decoding.backends import HFBackend, SamplingBackend
 from mocd_train.decoding.weights import check_finite_values
 from mocd_train.errors import ConfigError, WeightSolveError
-from mocd_train.tensors import left_pad, positions
+from mocd_train.tensors import left_pad
 from mocd_train.values import same_tokenizer, value_input_ids
-
-_SYNC_EVERY = 4  # sampling steps between checks that some branch is still alive (each check syncs with the device)
 
 
 @dataclass
@@ -50,24 +49,11 @@ def in_batches(prompts: list[str], batch_size: int, decode: Callable[[list[str]]
     return out
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from softmax(logits / T), restricted to the top-p nucleus; exponential-race sampling so the
-    draw consumes exactly one uniform per vocabulary entry (the same stream whatever computed the logits)."""
-    logp = torch.log_softmax(logits.float() / temperature, -1)
-    if top_p < 1.0:
-        sorted_lp, order = logp.sort(-1, descending=True)
-        drop = sorted_lp.exp().cumsum(-1) - sorted_lp.exp() >= top_p  # keep the smallest set reaching top_p
-        logp = logp.scatter(-1, order, sorted_lp.masked_fill(drop, -float("inf")))
-    noise = torch.empty_like(logp).exponential_(generator=generator)
-    return (logp - noise.log()).argmax(-1)
-
-
 class BlockEngine:
     def __init__(self, policy, tokenizer, value_model=None, value_tokenizer=None, reward_set=None, *,
                  num_candidates: int = 4, block_size: int = 8, max_new_tokens: int = 64, temperature: float = 1.0,
                  top_p: float = 1.0, system_prompt: str | None = None, batch_size: int = 8,
-                 reuse_cache: bool = True, ignore_eos: bool = False):
+                 reuse_cache: bool = True, ignore_eos: bool = False, backend: SamplingBackend | None = None):
         if value_model is None and reward_set is None and num_candidates > 1:
             raise ValueError("the engine needs a value model or reward functions to score candidates.")
         self.policy, self.tok = policy, tokenizer
@@ -80,6 +66,7 @@ class BlockEngine:
         # ignore_eos (benchmarks): every branch runs the full T tokens, as generate(min_new_tokens=T) does
         self.stop = torch.tensor([] if ignore_eos else stop, dtype=torch.long, device=policy.device)
         self.stop_set = set(self.stop.tolist())
+        self.backend = backend or HFBackend(policy, self.pad, self.stop, temperature, top_p, reuse_cache)
         self.shared = value_model is not None and value_model.meta.shares_policy_tokenizer
         if value_model is not None:
             if value_tokenizer is None:
@@ -114,39 +101,18 @@ class BlockEngine:
         finished = [False] * n
         traces: list[list[dict]] = [[] for _ in range(n)]
         last_values: list[list[float] | None] = [None] * n
-        cost = {"policy_tokens": 0, "value_tokens": 0, "prefill_tokens": 0}
+        cost = {"value_tokens": 0}
         active = list(range(n))
-        cache = logits = mask = vstate = None
+        vstate = None
+        self.backend.open(prompt_ids, k)
+        if self.shared and self.reuse_cache:  # the value model's cache, prefilled once like the policy's
+            ids, pmask = left_pad(prompt_ids, self.pad, dev)
+            _, vstate = self.value.prefill(ids, pmask)
+            cost["value_tokens"] += int(pmask.sum())
         produced = 0
         while active and produced < self.t:
             b = min(self.b, self.t - produced)
-            if cache is None or not self.reuse_cache:  # (re-)encode the active prompts' prefixes
-                ids, pmask = left_pad([prompt_ids[p] + responses[p] for p in active], self.pad, dev)
-                cache, logits = self._policy_forward(ids, pmask, None)
-                cost["prefill_tokens"] += int(pmask.sum())
-                cache.batch_repeat_interleave(k)
-                logits, mask = logits.repeat_interleave(k, 0), pmask.repeat_interleave(k, 0)
-                if self.shared and self.reuse_cache:
-                    _, vstate = self.value.prefill(ids, pmask)
-                    cost["value_tokens"] += int(pmask.sum())
-            # sample one block of B tokens for every branch
-            rows = len(active) * k
-            toks = torch.full((rows, b), self.pad, dtype=torch.long, device=dev)
-            tmask = torch.zeros((rows, b), dtype=torch.long, device=dev)
-            alive = torch.ones(rows, dtype=torch.bool, device=dev)
-            last_block = produced + b >= self.t
-            for s in range(b):
-                nxt = torch.where(alive, sample_tokens(logits, self.temperature, self.top_p, generator),
-                                  torch.full_like(alive, self.pad, dtype=torch.long))
-                toks[:, s], tmask[:, s] = nxt, alive.long()
-                alive = alive & ~torch.isin(nxt, self.stop)
-                cost["policy_tokens"] += rows
-                if not (last_block and s == b - 1):  # the logits after a block's last token seed the next block
-                    mask = torch.cat([mask, tmask[:, s : s + 1]], 1)
-                    cache, logits = self._policy_forward(nxt[:, None], mask, cache)
-                if s % _SYNC_EVERY == _SYNC_EVERY - 1 and not bool(alive.any()):  # one host sync per few steps
-                    toks, tmask = toks[:, : s + 1], tmask[:, : s + 1]
-                    break
+            toks, tmask, alive = self.backend.sample(b, produced + b >= self.t, generator)
             # score the candidates, pick one per prompt
             values = self._score(prompts, prompt_ids, responses, active, toks, tmask, vstate, cost)
             if isinstance(values, tuple):
@@ -177,13 +143,10 @@ class BlockEngine:
                     keep.append(j)
             produced += toks.shape[1]
             active = [active[j] for j in keep]
-            if active and self.reuse_cache:  # copy each surviving winner's caches into its K slots
-                keep_t = torch.tensor(keep, device=dev, dtype=torch.long)
-                rows_next = winners[keep_t].repeat_interleave(k)
-                cache.batch_select_indices(rows_next)
-                logits, mask = logits[rows_next], mask[rows_next]
-                if vstate is not None:
-                    vstate = vstate.select(winners[keep_t])
+            self.backend.keep(winners, keep)
+            if active and vstate is not None:  # the value cache follows the kept branches
+                vstate = vstate.select(winners[torch.tensor(keep, device=dev, dtype=torch.long)])
+        cost.update(self.backend.cost)
         seconds = time.perf_counter() - t0
         outs = []
         for p in range(n):
@@ -197,16 +160,6 @@ class BlockEngine:
         if self.value is not None:
             return self.value.meta.objectives
         return getattr(self.rewards, "names", None)
-
-    def _policy_forward(self, ids, mask, cache):
-        """One forward from the cache; only the last position's logits are computed (`logits_to_keep=1`: a prefill
-        of L tokens would otherwise build an L × vocabulary tensor it throws away)."""
-        from transformers import DynamicCache  # heavy
-
-        out = self.policy(input_ids=ids, attention_mask=mask, position_ids=positions(mask, ids.shape[1]),
-                          past_key_values=cache if cache is not None else DynamicCache(config=self.policy.config),
-                          use_cache=True, logits_to_keep=1)
-        return out.past_key_values, out.logits[:, -1]
 
     def _score(self, prompts, prompt_ids, responses, active, toks, tmask, vstate, cost):
         """Values [n, K, G] of the K extended prefixes per active prompt (and the extended value state)."""

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from mocd_train.data import chat_texts, eos_ids
-from mocd_train.decoding.engine import Decoded, in_batches, sample_tokens
+from mocd_train.decoding.backends import sample_tokens
+from mocd_train.decoding.engine import Decoded, in_batches
 from mocd_train.errors import ConfigError, NonFiniteError
 from mocd_train.models import adapter_base, adapter_of, load_policy
 from mocd_train.tensors import left_pad, positions
