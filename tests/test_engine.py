@@ -89,6 +89,42 @@ def test_value_model_with_another_tokenizer_reads_retokenised_text_as_in_trainin
     scored_as_in_training(value, vtok, decode(policy, tok, value, vtok, True, max_new_tokens=8))
 
 
+@pytest.mark.parametrize("kind", ["llama-chat", "gpt2-reward-model", "gemma2-window"])
+def test_another_tokenizers_value_cache_scores_as_the_full_reencoding_with_fewer_tokens(kind, tiny_lm, tmp_path,
+                                                                                         monkeypatch):
+    """The paper setup (value model with its own tokenizer): the incremental cache — common prefix kept, the
+    re-tokenised tail re-encoded, stale entries masked — gives the values of re-encoding every prefix. Gemma-2's
+    attention window of 8 forces the from-scratch fallback once the cache outgrows it."""
+    from mocd_train.decoding import scoring
+    from mocd_train.tiny import tiny_gemma2, tiny_gpt2_reward_model, tiny_llama
+
+    path, init = {"llama-chat": (lambda: tiny_llama(tmp_path / "v", vocab_size=300, seed=3), "causal_lm"),
+                  "gpt2-reward-model": (lambda: tiny_gpt2_reward_model(tmp_path / "r", vocab_size=320), "reward_model"),
+                  "gemma2-window": (lambda: tiny_gemma2(tmp_path / "g", seed=4, vocab_size=280), "causal_lm")}[kind]
+    policy, tok = eos_prone(tiny_lm)
+    value, vtok = value_for(str(path()), tok, init_from=init)
+    assert not value.meta.shares_policy_tokenizer
+    rolled_back = []
+    prefix = scoring.common_prefix
+
+    def spy(a, b):
+        out = prefix(a, b)
+        rolled_back.extend(n < len(x) for n, x in zip(out, a))
+        return out
+
+    monkeypatch.setattr(scoring, "common_prefix", spy)
+    fast = decode(policy, tok, value, vtok, True, max_new_tokens=24)
+    naive = decode(policy, tok, value, vtok, False, max_new_tokens=24)
+    for a, b in zip(fast, naive):
+        assert a.token_ids == b.token_ids and [t["chosen"] for t in a.trace] == [t["chosen"] for t in b.trace]
+        for ta, tb in zip(a.trace, b.trace):
+            torch.testing.assert_close(torch.tensor(ta["values"]), torch.tensor(tb["values"]), atol=1e-4, rtol=0)
+    if kind != "gemma2-window":  # (the window forces re-encoding from scratch: the naive cost, same values)
+        assert any(rolled_back)  # some re-tokenised tails did change ids already in the cache
+        spent = [sum(d.cost["value_tokens"] for d in run) for run in (fast, naive)]
+        assert spent[0] < spent[1] / 2, spent
+
+
 def test_value_model_for_another_policys_tokens_is_refused(tiny_lm, tmp_path):
     from mocd_train.tiny import tiny_llama
 

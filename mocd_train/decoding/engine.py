@@ -2,7 +2,7 @@
 
 Per batch of prompts: a sampling backend (decoding/backends.py) opens K branches per prompt and samples B tokens for
 each; the value model scores only the new tokens from its own cache; a selection rule picks one branch per prompt;
-the backend and the value cache continue from the winner. Prompts whose response ended leave the batch.
+the backend and the scorer (decoding/scoring.py) continue from the winner. Prompts whose response ended leave the batch.
 `reuse_cache=False` runs the same loop but re-encodes every prefix at each block (the naive baseline, and the
 reference the tests compare against).
 """
@@ -16,11 +16,11 @@ from typing import Callable
 import torch
 
 from mocd_train.data import chat_texts, eos_ids
+from mocd_train.decoding import scoring
 from mocd_train.decoding.backends import HFBackend, SamplingBackend
 from mocd_train.decoding.weights import check_finite_values
 from mocd_train.errors import ConfigError, WeightSolveError
-from mocd_train.tensors import left_pad
-from mocd_train.values import same_tokenizer, value_input_ids
+from mocd_train.values import same_tokenizer
 
 
 @dataclass
@@ -78,6 +78,13 @@ class BlockEngine:
                 raise ValueError(f"the value model read prompts with the system prompt "
                                  f"{value_model.meta.system_prompt!r}, the policy is prompted with {system_prompt!r}; "
                                  "they share one cache, so they must match (train the value model on these rollouts).")
+        if value_model is None:
+            self.scorer = (scoring.RewardScorer(tokenizer, reward_set, self.stop_set) if reward_set is not None
+                           else scoring.NoScorer())
+        else:
+            kind = (scoring.ReencodingScorer if not reuse_cache else
+                    scoring.SharedCacheScorer if self.shared else scoring.RetokenizingScorer)
+            self.scorer = kind(value_model, value_tokenizer, tokenizer, self.stop_set, self.pad)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], rule: Rule, generator: torch.Generator | None = None,
@@ -101,22 +108,15 @@ class BlockEngine:
         finished = [False] * n
         traces: list[list[dict]] = [[] for _ in range(n)]
         last_values: list[list[float] | None] = [None] * n
-        cost = {"value_tokens": 0}
         active = list(range(n))
-        vstate = None
         self.backend.open(prompt_ids, k)
-        if self.shared and self.reuse_cache:  # the value model's cache, prefilled once like the policy's
-            ids, pmask = left_pad(prompt_ids, self.pad, dev)
-            _, vstate = self.value.prefill(ids, pmask)
-            cost["value_tokens"] += int(pmask.sum())
+        self.scorer.open(prompts, prompt_ids)
         produced = 0
         while active and produced < self.t:
             b = min(self.b, self.t - produced)
             toks, tmask, alive = self.backend.sample(b, produced + b >= self.t, generator)
             # score the candidates, pick one per prompt
-            values = self._score(prompts, prompt_ids, responses, active, toks, tmask, vstate, cost)
-            if isinstance(values, tuple):
-                values, vstate = values
+            values = self.scorer.score([responses[p] for p in active], toks, tmask, k)
             check_finite_values(values, "candidate values from the " + ("value model" if self.value is not None
                                                                         else "reward functions"),
                                 rows=[f"prompt {p} ({prompts[p][:60]!r}), block {len(traces[p])}" for p in active],
@@ -129,24 +129,22 @@ class BlockEngine:
                                        e.rows) from None
             chosen = chosen.to(dev)
             winners = torch.arange(len(active), device=dev) * k + chosen
-            keep = []
-            for j, p in enumerate(active):
-                w = int(winners[j])
-                new = toks[w][tmask[w].bool()].tolist()
-                responses[p] += new
-                last_values[p] = values[j, int(chosen[j])].tolist()
-                traces[p].append({"block": len(traces[p]), "values": values[j].tolist(), "chosen": int(chosen[j]),
-                                  **info[j]})
-                if not bool(alive[w]):
+            keep = []  # one host copy of the block, then Python lists
+            rows, masks, ended = toks.tolist(), tmask.tolist(), (~alive).tolist()
+            for j, (p, c, vals) in enumerate(zip(active, chosen.tolist(), values.tolist())):
+                w = j * k + c
+                responses[p] += [t for t, m in zip(rows[w], masks[w]) if m]
+                last_values[p] = vals[c]
+                traces[p].append({"block": len(traces[p]), "values": vals, "chosen": c, **info[j]})
+                if ended[w]:
                     finished[p] = True
                 else:
                     keep.append(j)
             produced += toks.shape[1]
             active = [active[j] for j in keep]
             self.backend.keep(winners, keep)
-            if active and vstate is not None:  # the value cache follows the kept branches
-                vstate = vstate.select(winners[torch.tensor(keep, device=dev, dtype=torch.long)])
-        cost.update(self.backend.cost)
+            self.scorer.keep(winners, keep)
+        cost = self.backend.cost | self.scorer.cost
         seconds = time.perf_counter() - t0
         outs = []
         for p in range(n):
@@ -160,39 +158,3 @@ class BlockEngine:
         if self.value is not None:
             return self.value.meta.objectives
         return getattr(self.rewards, "names", None)
-
-    def _score(self, prompts, prompt_ids, responses, active, toks, tmask, vstate, cost):
-        """Values [n, K, G] of the K extended prefixes per active prompt (and the extended value state)."""
-        n, k, b = len(active), self.k, toks.shape[1]
-        if self.shared and self.reuse_cache:
-            cost["value_tokens"] += n * k * b
-            return self.value.score_blocks(vstate, toks.view(n, k, b), tmask.view(n, k, b))
-        seqs = [responses[p] + toks[j * k + c][tmask[j * k + c].bool()].tolist() for j, p in enumerate(active)
-                for c in range(k)]
-        if self.value is None and self.rewards is None:  # K = 1: nothing to choose
-            return torch.zeros(n, k, 0, device=toks.device)
-        if self.value is None:  # reward functions on the decoded text, normalised like the value targets
-            texts = [self.tok.decode([t for t in s if t not in self.stop_set], skip_special_tokens=True).strip()
-                     for s in seqs]
-            return self.rewards.score([prompts[p] for p in active for _ in range(k)], texts,
-                                      normalize=True).to(toks.device).view(n, k, -1).float()
-        if self.shared:  # naive: the whole prefix again
-            full = [prompt_ids[p] + s for p, s in zip([p for p in active for _ in range(k)], seqs)]
-        else:  # the value model reads its own tokens: re-tokenise the text
-            full = self._value_tokens([prompts[p] for p in active for _ in range(k)], seqs)
-        ids, mask = left_pad(full, self.vtok.pad_token_id if self.vtok is not None and self.vtok.pad_token_id
-                              is not None else self.pad, self.value.head.weight.device)
-        cost["value_tokens"] += int(mask.sum())
-        values, _ = self.value(ids, mask)
-        return values[:, -1].view(n, k, -1)
-
-    def _value_tokens(self, prompts, seqs):
-        """What the value model reads for each (prompt, response so far): `value_input_ids`, as in training, cut from
-        the left to the value model's position limit (an over-long input is a device-side assert otherwise)."""
-        out, limit = [], self.value.max_positions
-        for prompt, s in zip(prompts, seqs):
-            text = self.tok.decode([t for t in s if t not in self.stop_set], skip_special_tokens=True)
-            ids, _ = value_input_ids(self.value.meta, self.vtok, prompt, response_text=text,
-                                     finished=bool(s) and s[-1] in self.stop_set)
-            out.append(ids[-limit:] if limit else ids)
-        return out
