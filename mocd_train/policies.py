@@ -194,10 +194,38 @@ def grpo_trainer(cfg, model, tokenizer, prompts: list[str], reward_set, normaliz
     funcs, used = reward_callables(reward_set, normalizer, names, weights)
     args = GRPOConfig(**common_args(cfg, out), beta=cfg.beta, num_generations=cfg.num_generations,
                       max_completion_length=cfg.max_completion_length, reward_weights=used, temperature=1.0,
-                      scale_rewards="group" if normalizer is not None else "none")
+                      scale_rewards="group" if normalizer is not None else "none", **vllm_args(cfg))
     data = Dataset.from_list([{"prompt": _user(p, system_prompt)} for p in prompts])
     return GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tokenizer,
                        peft_config=lora_config(cfg) if cfg.use_lora else None)
+
+
+VLLM_WINDOW = ("0.19.0", "0.27.1")  # the vLLM versions TRL 1.12 generates with (trl/import_utils.py)
+
+
+def vllm_args(cfg) -> dict:
+    """TRL's GRPOConfig vLLM keys, after checking that an installed vLLM lies in TRL's window (TRL only warns)."""
+    if not cfg.use_vllm:
+        return {}
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        have = version("vllm")
+    except PackageNotFoundError:
+        have = None
+    low, high = VLLM_WINDOW
+    if have is None or not Version(low) <= Version(Version(have).base_version) <= Version(high):
+        found = f"vLLM {have} is installed" if have else "vLLM is not installed"
+        raise ConfigError(f"use_vllm: {found}; TRL's GRPO generates with vLLM {low}–{high}. Install one "
+                          f"(pip install 'vllm>={low},<={high}') or set use_vllm: false.")
+    out = {"use_vllm": True, "vllm_mode": cfg.vllm_mode}
+    if cfg.vllm_mode == "colocate":
+        out["vllm_gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
+    elif cfg.vllm_server_base_url:
+        out["vllm_server_base_url"] = cfg.vllm_server_base_url
+    return out
 
 
 class TextReward(torch.nn.Module):

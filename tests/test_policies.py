@@ -182,12 +182,39 @@ def test_soup_equals_the_hand_computed_delta_w_mix(tiny_lm, tmp_path):
     (["--method", "dpo", "--palette", "p"], "GRPO or PPO"),
     (["--method", "ppo", "--palette", "p", "--beta", "0"], "β > 0"),
     (["--method", "grpo", "--palette", "p", "--objective", "readability"], "exactly one"),
+    (["--method", "ppo", "--objective", "readability", "--use_vllm", "true"], "only GRPO generates through vLLM"),
 ])
 def test_clear_errors(extra, match, tiny_lm, tmp_path):
     if "nope" in extra:
         synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=4)
     with pytest.raises(ConfigError, match=match):
         stage("policies").main(policy_args(tmp_path, tiny_lm, *extra))
+
+
+def test_grpo_takes_trls_vllm_options_only_with_a_vllm_in_trls_window(monkeypatch):
+    import importlib.metadata
+
+    from mocd_train.config import PolicyConfig
+    from mocd_train.policies import vllm_args
+
+    cfg = PolicyConfig(objectives=["readability"], method="grpo", objective="readability", use_vllm=True,
+                       vllm_mode="server", vllm_server_base_url="http://gpu-node:8000")
+    for have, ok in [(None, False), ("0.18.1", False), ("0.19.0", True), ("0.27.1", True), ("0.27.1.post1", True),
+                     ("0.32.0", False)]:
+        def fake(name, have=have):
+            if have is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return have
+
+        monkeypatch.setattr(importlib.metadata, "version", fake)
+        if ok:
+            assert vllm_args(cfg) == {"use_vllm": True, "vllm_mode": "server",
+                                      "vllm_server_base_url": "http://gpu-node:8000"}
+        else:
+            with pytest.raises(ConfigError, match=r"0\.19\.0–0\.27\.1"):
+                vllm_args(cfg)
+    cfg.use_vllm = False
+    assert vllm_args(cfg) == {}
 
 
 def test_ppo_raises_a_learnable_reward(tiny_lm, tmp_path):

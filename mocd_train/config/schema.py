@@ -385,6 +385,16 @@ class PolicyConfig(TrainingConfig):
     max_prompts: int | None = field(default=None, metadata=doc("GRPO/PPO: at most this many train prompts."))
     num_ppo_epochs: int = field(default=4, metadata=doc("PPO: optimisation passes over each rollout batch."))
     num_mini_batches: int = field(default=1, metadata=doc("PPO: minibatches per rollout batch."))
+    use_vllm: bool = field(
+        default=False, metadata=doc("GRPO: generate the completions with vLLM through TRL (TRL 1.12 generates "
+                                      "with vLLM 0.19–0.27.1, on CUDA GPUs). TRL's PPO has no vLLM generation."))
+    vllm_mode: Literal["colocate", "server"] = field(
+        default="colocate", metadata=doc("GRPO + vLLM: `colocate` runs vLLM inside each training process; `server` "
+                                           "talks to `trl vllm-serve --model <policy>` started beforehand."))
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata=doc("GRPO + vLLM, colocate: the share of GPU memory vLLM may take."))
+    vllm_server_base_url: str | None = field(
+        default=None, metadata=doc("GRPO + vLLM, server: the server's URL (default http://0.0.0.0:8000)."))
     overwrite: bool = field(default=False, metadata=doc("Delete policies/<name> and start over."))
 
     def check(self) -> None:
@@ -433,6 +443,11 @@ class PolicyConfig(TrainingConfig):
                               f"num_generations ({cfg.num_generations}).")
         if cfg.beta < 0:
             raise ConfigError("beta: must be ≥ 0.")
+        if cfg.use_vllm and cfg.method != "grpo":
+            raise ConfigError(f"use_vllm: only GRPO generates through vLLM (TRL's {cfg.method.upper()} trainer has no "
+                              "vLLM generation); set use_vllm: false.")
+        if not 0 < cfg.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"vllm_gpu_memory_utilization: {cfg.vllm_gpu_memory_utilization} must lie in (0, 1].")
 
 
 @dataclass
