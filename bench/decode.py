@@ -12,12 +12,16 @@ beside the naive re-encoding's.
                                                         # other tokenizer: a random GPT-2 body on MiniLM's WordPiece
     python bench/decode.py --gpu                        # random gemma-2-2b policy, gpt2-large 2-output value model,
                                                         # K=16 B=16 T=256, 1 / 8 / 64 prompts (needs CUDA)
+    .venv-vllm/bin/python bench/decode.py --backends    # SmolLM2 on the Hugging Face and vLLM sampling backends
+                                                        # beside HF generate: π_ref rollouts, Best-of-K, RMOD
+                                                        # (K=4 B=8 T=64, 8 prompts; needs vLLM: make setup-vllm)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -31,6 +35,10 @@ from mocd_train.decoding.decoders import block_rule  # noqa: E402
 from mocd_train.decoding.engine import BlockEngine  # noqa: E402
 from mocd_train.rewards import Normalizer  # noqa: E402
 from mocd_train.values import BackboneSpec, ValueMeta, ValueModel, build_value_model, same_tokenizer  # noqa: E402
+
+PROMPTS = ["How do I bake bread at home?", "What is the capital of France?", "Tell me a joke about cats.",
+           "How can I learn Python quickly?", "Why is the sky blue?", "What should I cook tonight?",
+           "Explain photosynthesis simply.", "How do vaccines work?"]
 
 
 def sync():
@@ -96,6 +104,46 @@ def other_tokenizer_value(policy_tok, device, dtype, shape):
     return value, vtok
 
 
+def backend_comparison(policy, tok, llm, value, vtok, prompts, k, b, t, rmod_lambda, static=False):
+    """π_ref rollouts (K samples of T tokens), Best-of-K and RMOD on both sampling backends (`llm`: vLLM's engine on
+    the same checkpoint) beside HF generate's rollouts (eager, and static-cache compiled when `static`). The value
+    model reads another tokenizer and scores the same way on both backends: the difference is the sampling."""
+    from mocd_train.data import sample_responses
+    from mocd_train.decoding.backends import HFBackend, VLLMBackend
+
+    device, dtype = policy.device, policy.dtype
+    # a random policy with a wider LM head than its tokenizer samples only ids the tokenizer decodes (as on HF)
+    allowed = {"allowed_token_ids": list(range(len(tok)))} if len(tok) < policy.config.vocab_size else {}
+    backends = {"hf": lambda: HFBackend(policy, tok.pad_token_id, torch.tensor([], dtype=torch.long, device=device)),
+                "vllm": lambda: VLLMBackend(llm, [], tok.pad_token_id, device=device, dtype=dtype,
+                                            sampling_options=allowed)}  # no stop ids: every branch runs T tokens
+    rmod, uniform = block_rule("rmod", 2, rmod_lambda=rmod_lambda), block_rule("cd_uniform", 2)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def decode(make, rule, block):
+        engine = BlockEngine(None, tok, value, vtok, num_candidates=k, block_size=block, max_new_tokens=t,
+                             batch_size=len(prompts), backend=make())
+        return lambda: engine.generate(prompts, rule, g)
+
+    noop = lambda *a: None  # noqa: E731  (generate alone: no value pass)
+    row = {"hf_generate_rollouts_s": timed(hf_best_of_k(policy, tok, noop, prompts, k, t))}
+    if static:
+        row["hf_generate_static_rollouts_s"] = timed(hf_best_of_k(policy, tok, noop, prompts, k, t, static=True))
+    for name, make in backends.items():
+        row[name] = {"rollouts_s": timed(lambda make=make: sample_responses(make(), tok, prompts, k, t)),
+                     "best_of_k_s": timed(decode(make, uniform, t)),
+                     "rmod_s": timed(decode(make, rmod, b))}
+    out = decode(backends["vllm"], rmod, b)()
+    cached, computed = (sum(d.cost[c] for d in out) for c in ("cached_tokens", "prefill_tokens"))
+    row["vllm"]["rmod_prompt_tokens_from_prefix_cache"] = cached / (cached + computed)
+    for m in ("rollouts_s", "best_of_k_s", "rmod_s"):
+        row[f"{m.removesuffix('_s')}_hf_over_vllm"] = row["hf"][m] / row["vllm"][m]
+    base = row["hf_generate_static_rollouts_s" if static else "hf_generate_rollouts_s"]
+    row["vllm_rollouts_over_hf_generate"] = row["vllm"]["rollouts_s"] / base
+    row["vllm_rmod_over_hf_generate"] = row["vllm"]["rmod_s"] / base
+    return row
+
+
 def gpu_models(device):
     """Random-weight models of the RMOD paper's shapes, built directly on the GPU in bf16."""
     from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, GPT2Model
@@ -119,6 +167,43 @@ def gpu_models(device):
     return policy, tok, value
 
 
+def backends_main(args) -> dict:
+    """CPU: SmolLM2 (fp32) and a small GPT-2 value on MiniLM's tokenizer, K=4 B=8 T=64, 8 prompts. GPU: the paper
+    recipe's shapes (random gemma-2-2b policy saved for vLLM, gpt2-large value on another tokenizer), K=B=16 T=256,
+    1 / 8 / 64 prompts, beside HF's static-cache generate."""
+    tmp = tempfile.TemporaryDirectory()
+    if args.gpu:
+        k, b, t, sizes = 16, 16, 256, args.prompts or [1, 8, 64]
+        policy, tok, _ = gpu_models("cuda")
+        checkpoint = Path(tmp.name) / "policy"
+        policy.save_pretrained(checkpoint)
+        tok.save_pretrained(checkpoint)
+        value, vtok = other_tokenizer_value(tok, "cuda", torch.bfloat16, dict(n_embd=1280, n_layer=36, n_head=20))
+    else:
+        from mocd_train.assets import SMOLLM2, resolve_model
+        from mocd_train.models import load_causal_lm
+
+        k, b, t, sizes = 4, 8, 64, args.prompts or [8]
+        policy, tok = load_causal_lm(SMOLLM2, torch.device("cpu"), "float32")
+        checkpoint = resolve_model(SMOLLM2)
+        value, vtok = other_tokenizer_value(tok, "cpu", torch.float32, dict(n_embd=576, n_layer=6, n_head=9))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from mocd_train.decoding.backends import VLLMBackend
+
+    t0 = time.perf_counter()
+    llm = VLLMBackend.load(str(checkpoint), tok, device=policy.device, dtype=policy.dtype,
+                           options={} if args.gpu else {"enforce_eager": True}).llm  # CPU: no graphs to capture
+    results = {"device": torch.cuda.get_device_name() if args.gpu else "cpu", "threads": torch.get_num_threads(),
+               "K": k, "B": b, "T": t, "rmod_lambda": args.rmod_lambda,
+               "vllm_engine_start_s": time.perf_counter() - t0}
+    for n in sizes:
+        prompts = [" ".join(["hello"] * 64)] * n if args.gpu else [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+        results[f"prompts_{n}"] = backend_comparison(policy, tok, llm, value, vtok, prompts, k, b, t,
+                                                     args.rmod_lambda, static=args.gpu)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -126,12 +211,14 @@ def main() -> None:
     parser.add_argument("--run_dir", default="runs/smollm2-mini-hh")
     parser.add_argument("--prompts", type=int, nargs="+", default=None)
     parser.add_argument("--rmod_lambda", type=float, default=5.0)
+    parser.add_argument("--backends", action="store_true", help="only the sampling-backend comparison (vLLM)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.backends:
+        print(json.dumps(backends_main(args), indent=2))
+        return
     results = {"device": torch.cuda.get_device_name() if args.gpu else "cpu", "threads": torch.get_num_threads()}
-    texts = ["How do I bake bread at home?", "What is the capital of France?", "Tell me a joke about cats.",
-             "How can I learn Python quickly?", "Why is the sky blue?", "What should I cook tonight?",
-             "Explain photosynthesis simply.", "How do vaccines work?"]
+    texts = PROMPTS
     if args.gpu:
         k, b, t = 16, 16, 256
         policy, tok, value = gpu_models("cuda")

@@ -48,19 +48,31 @@ def eos_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[str], num_samples: int, max_new_tokens: int,
                      temperature: float = 1.0, top_p: float = 1.0, system_prompt: str | None = None) -> list[dict]:
-    """num_samples responses per prompt, prompt-major; pure temperature/top-p sampling (no top-k, no penalties)."""
-    from transformers import GenerationConfig
+    """num_samples responses per prompt, prompt-major; pure temperature/top-p sampling (no top-k, no penalties).
+    `model` is a Hugging Face causal LM (`generate`) or a sampling backend (decoding/backends.py: one block of
+    max_new_tokens with K = num_samples), such as vLLM's."""
+    texts = chat_texts(tokenizer, prompts, system_prompt)
+    if hasattr(model, "sample"):
+        if (model.temperature, model.top_p) != (temperature, top_p):
+            raise ValueError(f"the backend samples at temperature {model.temperature}, top_p {model.top_p}; asked "
+                             f"for {temperature}, {top_p}.")
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        model.open(ids, num_samples)
+        toks, mask, _ = model.sample(max_new_tokens, True, None)
+        seqs = [[t for t, m in zip(r, rm) if m] for r, rm in zip(toks.tolist(), mask.tolist())]
+        prompt_lens, stop = [len(i) for i in ids], set(model.stop_ids)
+    else:
+        from transformers import GenerationConfig
 
-    enc = tokenizer(chat_texts(tokenizer, prompts, system_prompt), return_tensors="pt", padding=True,
-                    add_special_tokens=False).to(model.device)
-    stop = eos_ids(model, tokenizer)
-    gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                           max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
-    out = model.generate(**enc, generation_config=gen)[:, enc["input_ids"].shape[1]:].cpu()
-    prompt_lens = enc["attention_mask"].sum(1).cpu()
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        stop = eos_ids(model, tokenizer)
+        gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                               max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+        seqs = model.generate(**enc, generation_config=gen)[:, enc["input_ids"].shape[1]:].tolist()
+        prompt_lens = enc["attention_mask"].sum(1).tolist()
     rows = []
-    for i, seq in enumerate(out.tolist()):
+    for i, seq in enumerate(seqs):
         j = next((t for t, tok in enumerate(seq) if tok in stop), None)
         ids = seq if j is None else seq[:j]
         rows.append({

@@ -193,8 +193,10 @@ class ScriptedBackend:
     and prompt 1's branch 2 emits the stop token at its second block. The engine may only learn tokens through
     `sample` and may only steer through `keep`."""
 
+    device, pad = torch.device("cpu"), 0
+
     def __init__(self, stop):
-        self.stop, self.cost, self.log = stop, {"policy_tokens": 0}, []
+        self.stop, self.stop_ids, self.cost, self.log = stop, [stop], {"policy_tokens": 0}, []
 
     def open(self, prompt_ids, k):
         self.open_prompts, self.k, self.block = list(range(len(prompt_ids))), k, 0

@@ -51,7 +51,26 @@ class CommonConfig:
 
 
 @dataclass
-class RolloutsConfig(CommonConfig):
+class SamplingConfig(CommonConfig):
+    """The sampler behind the stages that draw from π_ref (rollouts, teach)."""
+
+    backend: Literal["hf", "vllm"] = field(
+        default="hf", metadata=doc("π_ref's sampler: 'hf' (Hugging Face with a KV cache; every decoder) or 'vllm' "
+                                   "(vLLM with prefix caching: rollouts and every teacher but MOD and soups). vLLM "
+                                   "runs in one process and parallelises itself (vllm_args: tensor_parallel_size).",
+                                   "sampling (every decoder)"))
+    vllm_args: dict | None = field(
+        default=None, metadata=doc("Keyword arguments for vllm.LLM, e.g. {gpu_memory_utilization: 0.5, "
+                                   "max_model_len: 2048}; on CUDA gpu_memory_utilization defaults to 0.5, leaving "
+                                   "room for the value model and the scorers.", "sampling (every decoder)"))
+
+    def check(self) -> None:
+        if self.vllm_args and self.backend != "vllm":
+            raise ConfigError("vllm_args: only the vLLM backend reads them; set backend: vllm or drop them.")
+
+
+@dataclass
+class RolloutsConfig(SamplingConfig):
     """K responses per prompt from π_ref, scored by every objective (stage `rollouts`)."""
 
     prompt_sources: list[str] = field(
@@ -90,6 +109,7 @@ class RolloutsConfig(CommonConfig):
     overwrite: bool = field(default=False, metadata=doc("Delete existing rollouts in run_dir and start over."))
 
     def check(self) -> None:
+        super().check()
         cfg = self
         local = cfg.prompts_file is not None and not cfg.prompts_file.startswith("hf:")
         if local and not Path(cfg.prompts_file).is_file():
@@ -244,7 +264,7 @@ class PaletteConfig(CommonConfig):
 
 
 @dataclass
-class TeachConfig(CommonConfig):
+class TeachConfig(SamplingConfig):
     """Decode prompts with a decoding-time teacher and write its outputs as a dataset (stage `teach`)."""
 
     decoder: Literal["rmod", "cd_uniform", "cd_single", "cd_fixed", "cd_maximin", "best_of_k", "pi_ref", "map_d", "mod",
@@ -312,6 +332,7 @@ class TeachConfig(CommonConfig):
     overwrite: bool = field(default=False, metadata=doc("Delete teach/<name> and start over.", "what and where"))
 
     def check(self) -> None:
+        super().check()
         from mocd_train.rewards import parse_objectives  # late: imports torch
 
         names = [o.name for o in parse_objectives(self.objectives)]
@@ -340,6 +361,9 @@ class TeachConfig(CommonConfig):
             raise ConfigError("palette: map_d needs a solved palette (recipes/solve_palette.py), e.g. --palette hh-65.")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError("temperature must be > 0 and top_p in (0, 1].")
+        if self.backend == "vllm" and self.decoder in ("mod", "soup"):
+            raise ConfigError(f"backend: {self.decoder} needs every policy's full next-token distribution at each "
+                              "step, which vLLM does not expose; use backend: hf.")
 
 
 DIVERGENCES = {"reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "js": "js_divergence",
@@ -528,7 +552,7 @@ STAGES: dict[str, type[CommonConfig]] = {"rollouts": RolloutsConfig, "value": Va
 # (`Stage.require`), not how their paths are spelled: a moved or copied run stays valid.
 RESUME_FREE_KEYS = {"run_dir", "report_to", "device", "cache_dir", "score_batch_size", "overwrite", "eval_batch_size",
                     "logging_steps", "save_steps", "gradient_checkpointing", "model", "backbone", "student",
-                    "value_model", "prompts_file", "sft_dataset", "export_dir"}
+                    "value_model", "prompts_file", "sft_dataset", "export_dir", "vllm_args"}
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from mocd_train.data import rollouts_config
+from mocd_train.decoding.backends import VLLMBackend
 from mocd_train.decoding.engine import BlockEngine, Decoded, Rule
 from mocd_train.decoding.map_d import MapD
 from mocd_train.decoding.mod import Mod, PolicySet
@@ -131,6 +132,7 @@ def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> D
     if cfg.decoder == "pi_ref":
         k, b = 1, cfg.max_new_tokens
     value = vtok = None
+    backend = policy if isinstance(policy, VLLMBackend) else None
     if cfg.decoder != "pi_ref" and cfg.score_with == "value":
         path = Path(cfg.value_model or stage_dir(cfg.run_dir, "value") / "model")
         value, vtok = ValueModel.load(path, policy.device, policy.dtype, objectives, cfg.cache_dir)
@@ -138,10 +140,10 @@ def make_decoder(cfg, policy, tokenizer, reward_set, objectives: list[str]) -> D
     elif cfg.decoder != "pi_ref":
         params["scored_by"] = "reward functions"
     try:
-        engine = BlockEngine(policy, tokenizer, value, vtok, reward_set if value is None and k > 1 else None,
-                             num_candidates=k, block_size=b, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, top_p=cfg.top_p, system_prompt=_system_prompt(cfg),
-                             batch_size=cfg.batch_size)
+        engine = BlockEngine(None if backend else policy, tokenizer, value, vtok,
+                             reward_set if value is None and k > 1 else None, num_candidates=k, block_size=b,
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                             system_prompt=_system_prompt(cfg), batch_size=cfg.batch_size, backend=backend)
     except ValueError as e:
         raise ConfigError(f"value_model: {e}") from None
     params.update(K=k, B=b)

@@ -61,12 +61,13 @@ class BlockEngine:
         self.k, self.b, self.t = num_candidates, block_size, max_new_tokens
         self.temperature, self.top_p, self.system_prompt = temperature, top_p, system_prompt
         self.batch_size, self.reuse_cache = batch_size, reuse_cache
-        stop = eos_ids(policy, tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-        # ignore_eos (benchmarks): every branch runs the full T tokens, as generate(min_new_tokens=T) does
-        self.stop = torch.tensor([] if ignore_eos else stop, dtype=torch.long, device=policy.device)
-        self.stop_set = set(self.stop.tolist())
-        self.backend = backend or HFBackend(policy, self.pad, self.stop, temperature, top_p, reuse_cache)
+        if backend is None:  # the Hugging Face policy; ignore_eos (benchmarks): every branch runs the full T tokens
+            stop = eos_ids(policy, tokenizer)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+            backend = HFBackend(policy, pad, torch.tensor([] if ignore_eos else stop, dtype=torch.long,
+                                                          device=policy.device), temperature, top_p, reuse_cache)
+        self.backend, self.device, self.pad = backend, backend.device, backend.pad
+        self.stop_set = set(backend.stop_ids)
         self.shared = value_model is not None and value_model.meta.shares_policy_tokenizer
         if value_model is not None:
             if value_tokenizer is None:
@@ -95,7 +96,7 @@ class BlockEngine:
 
     def _batch(self, prompts: list[str], rule: Rule, generator) -> list[Decoded]:
         t0 = time.perf_counter()
-        n, k, dev = len(prompts), self.k, self.policy.device
+        n, k, dev = len(prompts), self.k, self.device
         prompt_ids = [self.tok(t, add_special_tokens=False)["input_ids"]
                       for t in chat_texts(self.tok, prompts, self.system_prompt)]
         limit = self.value.max_positions if self.shared else None

@@ -9,7 +9,8 @@ Resumable: a killed run continues from its last finished chunk; a complete one i
 from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
 from mocd_train.data import merge_rollouts, write_rollout_shards
-from mocd_train.models import load_causal_lm, model_source, resolve_device
+from mocd_train.decoding.backends import load_sampler
+from mocd_train.models import model_source, resolve_device
 from mocd_train.rewards import RewardSet, parse_objectives
 from mocd_train.stage import Stage
 from mocd_train.tracking import start_run
@@ -27,7 +28,7 @@ def main(argv=None):
 
     # load
     device = resolve_device(cfg.device, state.device)
-    policy, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype, cfg.cache_dir)
+    policy, tokenizer = load_sampler(cfg, device, state.num_processes)  # a HF model or a vLLM engine
     rewards = RewardSet.from_config(cfg.objectives, device, cfg.cache_dir, cfg.score_batch_size)
     stage.start()
 

@@ -18,9 +18,10 @@ import torch
 from mocd_train.assets import load_prompts
 from mocd_train.cli import run_stage
 from mocd_train.data import chunk_seed, read_chunks, rollouts_config, run_chunks, save_dataset
+from mocd_train.decoding.backends import load_sampler
 from mocd_train.decoding.decoders import make_decoder
 from mocd_train.errors import ConfigError
-from mocd_train.models import load_causal_lm, model_source, policy_dir, resolve_device
+from mocd_train.models import model_source, policy_dir, resolve_device
 from mocd_train.palette import load_palette
 from mocd_train.rewards import Normalizer, RewardSet, parse_objectives
 from mocd_train.rundir import stage_dir
@@ -64,7 +65,7 @@ def main(argv=None):
     normalizer = Normalizer.load(rollouts_dir / "normalization.json")
     check_objectives(names, normalizer.objectives, f"the rollouts in {cfg.run_dir}", "Use their objectives.")
     device = resolve_device(cfg.device, state.device)
-    policy, tokenizer = load_causal_lm(cfg.model, device, cfg.dtype, cfg.cache_dir)
+    policy, tokenizer = load_sampler(cfg, device, state.num_processes)  # a HF model or a vLLM engine
     rewards = RewardSet.from_config(cfg.objectives, device, cfg.cache_dir, normalizer=normalizer)
 
     # build
