@@ -162,3 +162,28 @@ def test_nonsense_numbers_are_refused(tmp_path, argv, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config("teach", ["--run_dir", str(tmp_path), *argv])
+
+
+def test_a_damaged_chunk_is_named_with_the_fix_and_is_regenerated_once_deleted(tiny_lm, tmp_path, monkeypatch):
+    args = ["--run_dir", str(tmp_path), "--model", tiny_lm, "--objectives", "[readability]", "--report_to", "none",
+            "--max_prompts", "6", "--chunk_size", "2", "--num_samples", "2", "--max_new_tokens", "4"]
+    rollouts = stage("rollouts")
+    interrupted(monkeypatch, rollouts.main, args, after=2)
+    chunk = next((tmp_path / "rollouts").rglob("chunk-00001.json"))
+    chunk.write_text(chunk.read_text()[: len(chunk.read_text()) // 2])  # cut short, e.g. by a full disk
+    for _ in range(2):  # the same sentence on every rerun, until the file is gone
+        with pytest.raises(ConfigError, match=r"chunk-00001.json is damaged .* delete it and re-run"):
+            rollouts.main(args)
+    chunk.unlink()
+    rollouts.main(args)
+    ds, _ = data.load_rollouts(tmp_path)
+    assert len(ds) == 12 and len(set(ds["prompt_id"])) == 6
+
+
+def test_a_failed_start_leaves_nothing_that_refuses_the_corrected_command(tiny_lm, tmp_path):
+    synthetic_rollouts(tmp_path, tiny_lm, tuple(OBJECTIVES), num_prompts=8)
+    teach = stage("teach")
+    with pytest.raises(ConfigError, match="no-such-model"):
+        teach.main(teach_args(tmp_path, str(tmp_path / "no-such-model"), "--decoder", "pi_ref", "--name", "t"))
+    out = teach.main(teach_args(tmp_path, tiny_lm, "--decoder", "pi_ref", "--name", "t"))
+    assert (out / "DONE.json").is_file()
