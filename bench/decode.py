@@ -187,16 +187,11 @@ def backends_main(args) -> dict:
         policy, tok = load_causal_lm(SMOLLM2, torch.device("cpu"), "float32")
         checkpoint = resolve_model(SMOLLM2)
         value, vtok = other_tokenizer_value(tok, "cpu", torch.float32, dict(n_embd=576, n_layer=6, n_head=9))
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM logs to stdout otherwise: the JSON must stay clean
-    # vLLM cuts the process to one torch thread on CPU unless OMP_NUM_THREADS is set: both backends keep the same
-    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     from mocd_train.decoding.backends import VLLMBackend
 
     t0 = time.perf_counter()
-    llm = VLLMBackend.load(str(checkpoint), tok, device=policy.device, dtype=policy.dtype,
-                           options={} if args.gpu else {"enforce_eager": True}).llm  # CPU: no graphs to capture
+    llm = VLLMBackend.load(str(checkpoint), tok, device=policy.device, dtype=policy.dtype).llm
     results = {"device": torch.cuda.get_device_name() if args.gpu else "cpu", "threads": torch.get_num_threads(),
                "K": k, "B": b, "T": t, "rmod_lambda": args.rmod_lambda,
                "vllm_engine_start_s": time.perf_counter() - t0, "threads_after_start": torch.get_num_threads()}

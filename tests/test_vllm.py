@@ -9,8 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed here (make test-vllm has it)")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: no spawned workers
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # three engines start in this process (the backend's own: 4)
 
 from conftest import stage  # noqa: E402
 
@@ -35,8 +34,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def llm(smollm2):
     _, tok = smollm2
-    return VLLMBackend.load(resolve_model(SMOLLM2), tok, device=torch.device("cpu"), dtype=torch.float32, seed=0,
-                            options={"enforce_eager": True}).llm
+    return VLLMBackend.load(resolve_model(SMOLLM2), tok, device=torch.device("cpu"), dtype=torch.float32, seed=0).llm
 
 
 def backends(smollm2, llm, temperature):
@@ -97,7 +95,7 @@ def test_rmod_blocks_on_vllm_resubmit_the_kept_prefix_from_the_prefix_cache(smol
 
 def test_rollouts_and_teach_stages_run_on_vllm(tmp_path):
     common = ["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]", "--report_to", "none",
-              "--backend", "vllm", "--vllm_args", "{enforce_eager: true}", "--dtype", "float32"]
+              "--backend", "vllm", "--dtype", "float32"]
     stage("rollouts").main([*common, "--max_prompts", "6", "--num_samples", "2", "--max_new_tokens", "16",
                             "--chunk_size", "3"])
     ds, _ = load_rollouts(tmp_path)
