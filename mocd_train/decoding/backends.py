@@ -159,7 +159,7 @@ class VLLMBackend:
         """An engine for a checkpoint folder or hub id; `options` go to vllm.LLM (gpu_memory_utilization,
         tensor_parallel_size, max_model_len, ...)."""
         if device.type == "cpu":
-            for name, value in _CPU_ENVIRONMENT.items():  # read by vLLM when the engine starts; the user's win
+            for name, value in _CPU_ENVIRONMENT.items():  # read when the engine starts; a value the user set wins
                 os.environ.setdefault(name, value() if callable(value) else value)
         try:
             from vllm import LLM
