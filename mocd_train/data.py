@@ -45,6 +45,11 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
+def pad_id(tokenizer, stop: list[int]) -> int:
+    """The id that fills a branch after it ended: the tokenizer's pad token, else its first stop token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+
+
 @torch.no_grad()
 def sample_responses(model, tokenizer, prompts: list[str], num_samples: int, max_new_tokens: int,
                      temperature: float = 1.0, top_p: float = 1.0, system_prompt: str | None = None) -> list[dict]:
@@ -56,7 +61,7 @@ def sample_responses(model, tokenizer, prompts: list[str], num_samples: int, max
         if (model.temperature, model.top_p) != (temperature, top_p):
             raise ValueError(f"the backend samples at temperature {model.temperature}, top_p {model.top_p}; asked "
                              f"for {temperature}, {top_p}.")
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
         model.open(ids, num_samples)
         toks, mask, _ = model.sample(max_new_tokens, True, None)
         seqs = [[t for t, m in zip(r, rm) if m] for r, rm in zip(toks.tolist(), mask.tolist())]

@@ -1,6 +1,6 @@
 """The vLLM sampling backend against the Hugging Face one. vLLM pins another transformers than the main environment,
 so these tests run in their own environment (`make test-vllm`, which CI runs); elsewhere they are skipped. One engine
-serves the module: each start costs minutes on a CPU."""
+serves the module: each start costs tens of seconds on a CPU."""
 
 import math
 import os

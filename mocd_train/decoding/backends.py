@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from mocd_train.assets import resolve_model
-from mocd_train.data import eos_ids
+from mocd_train.data import eos_ids, pad_id
 from mocd_train.errors import ConfigError
 from mocd_train.models import is_policy_dir, load_causal_lm, load_tokenizer, resolve_dtype
 from mocd_train.tensors import left_pad, positions
@@ -181,7 +181,7 @@ class VLLMBackend:
             options.setdefault("enforce_eager", True)  # compiling costs minutes at start for little gain on a CPU
         llm = LLM(model=checkpoint, dtype=str(dtype).removeprefix("torch."), seed=seed, enable_prefix_caching=True,
                   **options)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+        pad = pad_id(tokenizer, stop)
         return cls(llm, stop, pad, temperature, top_p, device, dtype=dtype)
 
     def open(self, prompt_ids, k):

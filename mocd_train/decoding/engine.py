@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from mocd_train.data import chat_texts, eos_ids
+from mocd_train.data import chat_texts, eos_ids, pad_id
 from mocd_train.decoding import scoring
 from mocd_train.decoding.backends import HFBackend, SamplingBackend
 from mocd_train.decoding.weights import check_finite_values
@@ -63,7 +63,7 @@ class BlockEngine:
         self.batch_size, self.reuse_cache = batch_size, reuse_cache
         if backend is None:  # the Hugging Face policy; ignore_eos (benchmarks): every branch runs the full T tokens
             stop = eos_ids(policy, tokenizer)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+            pad = pad_id(tokenizer, stop)
             backend = HFBackend(policy, pad, torch.tensor([] if ignore_eos else stop, dtype=torch.long,
                                                           device=policy.device), temperature, top_p, reuse_cache)
         self.backend, self.device, self.pad = backend, backend.device, backend.pad

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mocd_train.data import chat_texts, eos_ids
+from mocd_train.data import chat_texts, eos_ids, pad_id
 from mocd_train.decoding.backends import sample_tokens
 from mocd_train.decoding.engine import Decoded, in_batches
 from mocd_train.errors import ConfigError, NonFiniteError
@@ -250,7 +250,7 @@ class Mod:
         self.effective_rule = "reverse_kl" if self.rule == "js" and self.jsd_approximation else self.rule
         self.with_ref = self.effective_rule == "js"
         stop = eos_ids(self.policies.models[0], self.tokenizer)
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop[0]
+        self.pad = pad_id(self.tokenizer, stop)
         self.stop = torch.tensor([] if self.ignore_eos else stop, dtype=torch.long)
 
     def combined(self, logps: torch.Tensor) -> torch.Tensor:
