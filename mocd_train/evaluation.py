@@ -104,10 +104,12 @@ def navigation_efficiency(points: torch.Tensor, reference: torch.Tensor) -> floa
 
 
 def compare(tables: dict[str, list[dict]], reference: str, names: list[str], normalizer,
-            baselines: list[str] = (), fronts: dict[str, list[str]] | None = None) -> dict:
+            baselines: list[str] = (), fronts: dict[str, list[str]] | None = None,
+            palettes: dict[str, dict] | None = None) -> dict:
     """Every method's rows (teacher-dataset rows with reward_<g> and cost_* columns) on the prompts it shares with
     the reference → one comparison: raw and normalised means, worst cases, worst-case win rate vs the reference with
-    a bootstrap CI, cost; plus the Pareto front, hypervolume and navigation efficiency of the methods' mean points."""
+    a bootstrap CI, cost; plus the Pareto front, hypervolume and navigation efficiency of the methods' mean points,
+    and for each method in `palettes` (method → its palette.json) its realised levels against the targets."""
 
     def norm(rows):
         return normalizer(torch.tensor([[r[f"reward_{g}"] for g in names] for r in rows], dtype=torch.float64))
@@ -148,6 +150,8 @@ def compare(tables: dict[str, list[dict]], reference: str, names: list[str], nor
                      for label in tables if label != versus]
     if fronts and len(names) in (2, 3):
         out["fronts"] = front_hypervolumes(tables, reference, fronts, names, normalizer)
+    if palettes:
+        out["palette_levels"] = [palette_levels(m, tables[m], ref_rows, names, p) for m, p in palettes.items()]
     return out
 
 
@@ -189,6 +193,31 @@ def front_hypervolumes(tables: dict[str, list[dict]], reference: str, fronts: di
             lo, hi = interval([d[a] - d[b] for d in draws])
             out["differences"].append({"a": a, "b": b, "diff": point[a] - point[b], "ci": [lo, hi],
                                        "significant": bool(lo > 0 or hi < 0)})
+    return out
+
+
+def palette_levels(label: str, rows: list[dict], ref_rows: list[dict], names: list[str], palette: dict,
+                   level: float = 0.95) -> dict:
+    """A palette-guided method's realised levels against its palette's targets (MAP §2: the aligned policy is to
+    reach E[r_g] ≥ c_g; docs/algorithms.md §8). The targets were set on the rollout prompts and the method is
+    evaluated on held-out ones, so the comparison is in gains over π_ref in raw reward units: the palette's target
+    gain c_g − E_π_ref[r_g] (rollouts) against the method's paired gain over the reference on the held-out prompts,
+    with a bootstrap interval. "reached" when the interval lies above the target gain, "short" when below it."""
+    a, b = align(rows, ref_rows)
+    out = {"method": label, "palette": palette["name"], "prompts": len(a), "level": level, "objectives": {}}
+    for i, g in enumerate(palette["objectives"]):
+        if g not in names:
+            raise ConfigError(f"palette {palette['name']!r} targets {g!r}, which this run does not score.")
+        diff = torch.tensor([x[f"reward_{g}"] - y[f"reward_{g}"] for x, y in zip(a, b)], dtype=torch.float64)
+        lo, hi = bootstrap_ci(diff, level)
+        target = float(palette["target"][i] - palette["reference"][i])
+        verdict = "reached" if lo > target else "short" if hi < target else "within the interval"
+        out["objectives"][g] = {"target_gain": target, "gain": float(diff.mean()), "gain_se": _se(diff),
+                                "ci": [lo, hi], "level_raw": float(sum(x[f"reward_{g}"] for x in a) / len(a)),
+                                "verdict": verdict,
+                                "sentence": f"{label} {g} (palette {palette['name']}): {float(diff.mean()):+.4f} "
+                                            f"[{lo:+.4f}, {hi:+.4f}] over {len(a)} prompts vs target "
+                                            f"{target:+.4f} (raw gain over π_ref): {verdict}"}
     return out
 
 

@@ -152,7 +152,8 @@ def plot_distributions(tables: dict[str, list[dict]], names: list[str], normaliz
 
 
 def claim_lines(comparison: dict) -> list[str]:
-    """One sentence per claim: each method against each comparator, then each pair of method families' hypervolumes."""
+    """One sentence per claim: each method against each comparator, each pair of method families' hypervolumes, then
+    each palette-guided method's realised levels against its targets."""
     lines = [c["sentence"] for c in comparison.get("claims", [])]
     fronts = comparison.get("fronts")
     if fronts:
@@ -164,6 +165,7 @@ def claim_lines(comparison: dict) -> list[str]:
             lines.append(f"hypervolume {d['a']} {'>' if d['diff'] > 0 else '<'} {d['b']}: {d['diff']:+.4f} "
                          f"[{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}], "
                          f"{'significant' if d['significant'] else 'not significant'}")
+    lines += [o["sentence"] for p in comparison.get("palette_levels", []) for o in p["objectives"].values()]
     return lines
 
 

@@ -54,6 +54,35 @@ def test_bootstrap_ci_covers_the_mean_and_shrinks_with_more_prompts():
     assert hi2 - lo2 < (hi - lo) / 3
 
 
+def test_palette_levels_set_paired_held_out_gains_against_the_target_gains():
+    import numpy as np
+
+    from mocd_train.evaluation import palette_levels
+
+    rng = np.random.default_rng(0)
+    n = 300
+    ref = rng.normal(0.4, 0.2, n)
+    # gains of +0.10 and +0.02 (± 0.003 SE); the reference rows in another order, with one prompt more
+    x, y = ref + 0.10 + rng.normal(0, 0.05, n), ref + 0.02 + rng.normal(0, 0.05, n)
+    method = [{"prompt_id": f"p{i}", "reward_x": x[i], "reward_y": y[i]} for i in range(n)]
+    refs = [{"prompt_id": f"p{i}", "reward_x": ref[i], "reward_y": ref[i]} for i in reversed(range(n))]
+    refs.append({"prompt_id": "extra", "reward_x": 9.0, "reward_y": 9.0})
+    palette = {"name": "pal", "objectives": ["x", "y"], "target": [0.55, 0.31], "reference": [0.50, 0.30]}
+    out = palette_levels("m", method, refs, ["x", "y"], palette)
+    assert out["prompts"] == n
+    ox, oy = out["objectives"]["x"], out["objectives"]["y"]
+    assert ox["target_gain"] == pytest.approx(0.05) and oy["target_gain"] == pytest.approx(0.01)
+    assert ox["gain"] == pytest.approx(float(np.mean(x - ref))) and ox["level_raw"] == pytest.approx(x.mean())
+    assert ox["gain_se"] == pytest.approx(float(np.std(x - ref, ddof=1) / np.sqrt(n)))
+    assert ox["ci"][0] < ox["gain"] < ox["ci"][1] and ox["verdict"] == "reached"  # +0.10 vs +0.05
+    assert oy["ci"][0] < oy["gain"] < oy["ci"][1] and oy["verdict"] == "reached"  # +0.02 vs +0.01
+    short = palette_levels("m", method, refs, ["x", "y"], {**palette, "target": [0.70, 0.32]})
+    assert [o["verdict"] for o in short["objectives"].values()] == ["short", "within the interval"]
+    assert "short" in short["objectives"]["x"]["sentence"] and "+0.2000" in short["objectives"]["x"]["sentence"]
+    with pytest.raises(Exception, match="'z'"):
+        palette_levels("m", method, refs, ["x", "y"], {**palette, "objectives": ["x", "z"]})
+
+
 def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm, tmp_path):
     import html
     import json
@@ -79,10 +108,14 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
                             "cost_value_tokens": 40.0, "cost_seconds": 0.5,
                             **{f"reward_{n}": float(raw[i, j]) for j, n in enumerate(names)}}
                            for i in range(30)]).save_to_disk(str(tmp_path / "teach" / method / "dataset"))
+    (tmp_path / "palette" / "pal").mkdir(parents=True)
+    (tmp_path / "palette" / "pal" / "palette.json").write_text(json.dumps(
+        {"name": "pal", "objectives": names, "target": [0.3, 0.3], "reference": [0.2, 0.2]}))
     out = stage("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
                                    "--methods", "[eval-rmod, eval-other]", "--report_to", "wandb",
                                    "--baselines", "[eval-other]", "--note", "smoke-sized run",
                                    "--fronts", "{a: [eval-rmod], b: [eval-other, eval-rmod]}",
+                                   "--palette_targets", "{eval-rmod: pal}",
                                    "--export_dir", str(tmp_path / "results" / "preset")])
     page = (out / "report.html").read_text()
     assert all(m in page for m in ["eval-pi_ref", "eval-rmod", "eval-other"]) and page.count("data:image/png") == 4
@@ -116,12 +149,22 @@ def test_evaluate_recipe_writes_the_report_plots_and_offline_wandb_runs(tiny_lm,
     assert lo <= hv_b <= hi and fronts["differences"][0]["diff"] == pytest.approx(
         fronts["families"]["a"]["hypervolume"] - hv_b)
     assert "hypervolume a" in text
+    # the palette-guided method's realised gain over π_ref against the palette's target gain (+0.1 each)
+    (levels,) = comparison["palette_levels"]
+    gain = rewards["eval-rmod"][:, 0] - rewards["eval-pi_ref"][:, 0]
+    assert levels["objectives"]["readability"]["gain"] == pytest.approx(float(gain.mean()))
+    assert levels["objectives"]["readability"]["target_gain"] == pytest.approx(0.1)
+    assert levels["objectives"]["readability"]["sentence"] in text
     exported = {f.name for f in (tmp_path / "results" / "preset").iterdir()}
     assert {"report.html", "table.md", "claims.md", "comparison.json", "pareto.png"} <= exported
     # a mistake in the methods list is refused before the finished report is touched
     with pytest.raises(Exception, match="eval-rmdo"):
         stage("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
                                  "--methods", "[eval-rmdo]", "--report_to", "none"])
+    with pytest.raises(Exception, match="no palette 'nopal'"):
+        stage("evaluate").main(["--run_dir", str(tmp_path), "--objectives", "[readability, positivity]",
+                                 "--methods", "[eval-rmod]", "--palette_targets", "{eval-rmod: nopal}",
+                                 "--report_to", "none"])
     assert (out / "report.html").read_text() == page
 
 

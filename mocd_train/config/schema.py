@@ -526,6 +526,10 @@ class EvaluateConfig(CommonConfig):
     fronts: dict | None = field(
         default=None, metadata=doc("Families of methods whose Pareto hypervolumes are compared with bootstrap "
                                      "intervals, e.g. {mod: [eval-mod-0.25, eval-mod-0.5], soup: [...]}."))
+    palette_targets: dict | None = field(
+        default=None, metadata=doc("Palette-guided methods and their palettes, e.g. {eval-map_f: hh-65}: the report "
+                                     "sets each one's realised gain over the reference against the palette's target "
+                                     "gain, with an interval."))
     note: str = field(default="", metadata=doc("A line printed at the top of the report (e.g. 'smoke-sized run')."))
     export_dir: str | None = field(
         default=None, metadata=doc("Also copy the report, tables, plots, value metrics and step timings here (e.g. "

@@ -41,6 +41,14 @@ def load_method(run_dir, name):
     return list(load_from_disk(str(path)))
 
 
+def load_palette(run_dir, name):
+    path = stage_dir(run_dir, "palette") / name / "palette.json"
+    if not path.is_file():
+        raise ConfigError(f"palette_targets: no palette {name!r} at {path}; solve it with recipes/solve_palette.py "
+                          f"--name {name} first.")
+    return json.loads(path.read_text())
+
+
 def main(argv=None):
     # parse
     cfg, stage = Stage.open("evaluate", argv, lambda c: c.name, processes=False)
@@ -61,8 +69,12 @@ def main(argv=None):
     unknown = [m for ms in (cfg.fronts or {}).values() for m in ms if m not in tables]
     if unknown:
         raise ConfigError(f"fronts: {unknown} are not among the methods {list(tables)}; add them to `methods`.")
+    unknown = [m for m in (cfg.palette_targets or {}) if m not in tables]
+    if unknown:
+        raise ConfigError(f"palette_targets: {unknown} are not among the methods {list(tables)}; add them to `methods`.")
+    palettes = {m: load_palette(cfg.run_dir, p) for m, p in (cfg.palette_targets or {}).items()}
     out = stage.start()
-    comparison = compare(tables, cfg.reference, names, normalizer, cfg.baselines, cfg.fronts)
+    comparison = compare(tables, cfg.reference, names, normalizer, cfg.baselines, cfg.fronts, palettes)
     rows = table_rows(comparison)
     plots = [plot_methods(comparison, out / "methods.png"), plot_pareto(comparison, out / "pareto.png"),
              plot_distributions(tables, names, normalizer, out / "distributions.png")]
