@@ -71,7 +71,8 @@ def main(argv=None):
         raise ConfigError(f"fronts: {unknown} are not among the methods {list(tables)}; add them to `methods`.")
     unknown = [m for m in (cfg.palette_targets or {}) if m not in tables]
     if unknown:
-        raise ConfigError(f"palette_targets: {unknown} are not among the methods {list(tables)}; add them to `methods`.")
+        raise ConfigError(f"palette_targets: {unknown} are not among the methods {list(tables)}; "
+                          "add them to `methods`.")
     palettes = {m: load_palette(cfg.run_dir, p) for m, p in (cfg.palette_targets or {}).items()}
     out = stage.start()
     comparison = compare(tables, cfg.reference, names, normalizer, cfg.baselines, cfg.fronts, palettes)
